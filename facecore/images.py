@@ -1,0 +1,205 @@
+"""Decode untrusted image bytes into RGB uint8 arrays, and encode results.
+
+Every image that enters facejobs goes through :func:`decode`. It reads the header
+first and refuses images whose declared size exceeds the pixel cap before any pixel
+is decoded (a 40000x40000 PNG costs a few hundred bytes on disk and 4.8 GB in
+memory). It applies EXIF orientation and normalises the modes a photo collection
+really contains (grey, palette, RGBA, 16-bit, CMYK) to RGB uint8.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own decompression-bomb guard warns at 89 MP and raises at 179 MP; we
+# enforce our own (smaller, configurable) cap from the header, so switch its off.
+Image.MAX_IMAGE_PIXELS = None
+
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MIN_SIDE = 16
+DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+
+
+class ImageError(ValueError):
+    """An image could not be used. ``status`` is the row status a job records."""
+
+    status = "decode_error"
+
+
+class DecodeError(ImageError):
+    """The bytes are not a readable image of an accepted format."""
+
+    status = "decode_error"
+
+
+class TooLargeError(ImageError):
+    """The header declares more pixels than the cap allows."""
+
+    status = "too_large"
+
+
+class TooSmallError(ImageError):
+    """The image is too small to hold a face."""
+
+    status = "too_small"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Limits applied while decoding.
+
+    Attributes:
+        max_pixels: largest width*height accepted, checked on the header.
+        min_side: smallest accepted width or height, in pixels.
+        formats: Pillow format names accepted.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    formats: frozenset[str] = DEFAULT_FORMATS
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB uint8 image and where it came from.
+
+    Attributes:
+        rgb: (H, W, 3) uint8, EXIF orientation applied.
+        format: the container format, e.g. "JPEG".
+        source_mode: the Pillow mode before conversion, e.g. "CMYK", "I;16".
+        exif_transposed: True when an EXIF orientation tag rotated or flipped it.
+    """
+
+    rgb: np.ndarray
+    format: str
+    source_mode: str
+    exif_transposed: bool
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """Decode image bytes to RGB uint8.
+
+    Args:
+        data: the encoded file.
+        limits: pixel cap, minimum side and accepted formats.
+
+    Returns:
+        The decoded image, EXIF orientation applied.
+
+    Raises:
+        DecodeError: empty, truncated, unknown or refused format.
+        TooLargeError: header declares more than ``limits.max_pixels`` pixels.
+        TooSmallError: a side is shorter than ``limits.min_side``.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        # Image.open reads only the header: the size check below happens before
+        # the pixel data is decoded.
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:  # Pillow raises several unrelated types here
+        raise DecodeError(f"not a readable image: {exc}") from exc
+    fmt = image.format or "unknown"
+    if fmt not in limits.formats:
+        raise DecodeError(f"format {fmt} not accepted (accepted: {sorted(limits.formats)})")
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise TooLargeError(
+            f"{width}x{height} = {width * height} pixels exceeds the cap of {limits.max_pixels}"
+        )
+    if min(width, height) < limits.min_side:
+        raise TooSmallError(f"{width}x{height} is smaller than {limits.min_side} px on a side")
+    source_mode = image.mode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+            orientation = image.getexif().get(0x0112, 1)
+            transposed = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise DecodeError(f"corrupt {fmt} data: {exc}") from exc
+    exif_transposed = orientation not in (None, 1)
+    rgb = _to_rgb_uint8(transposed)
+    return DecodedImage(rgb=rgb, format=fmt, source_mode=source_mode, exif_transposed=exif_transposed)
+
+
+def probe_size(data: bytes) -> tuple[int, int]:
+    """(width, height) read from the header alone, before EXIF orientation."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception as exc:
+        raise DecodeError(f"not a readable image: {exc}") from exc
+
+
+def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        if grey.max(initial=0.0) <= 1.0:  # float images are usually 0..1
+            grey = grey * 255.0
+        return _grey_to_rgb(grey)
+    if mode.startswith("I"):
+        # Pillow's convert("RGB") clips 16-bit values at 255 (a white image);
+        # rescale from the range the data was stored in instead.
+        grey = np.asarray(image, dtype=np.float64)
+        wide = mode.startswith("I;16") or grey.max(initial=0.0) > 255
+        return _grey_to_rgb(grey * (255.0 / 65535.0) if wide else grey)
+    if mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):
+        # Transparent pixels become white: cut-out portraits usually sit on white.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB")).copy()
+    if mode != "RGB":
+        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return np.asarray(image).copy()
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    grey8 = grey.round().clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+
+
+def encode_png(rgb: np.ndarray, compression: int = 3) -> bytes:
+    """Encode an (H, W, 3) RGB or (H, W) grey uint8 array as PNG bytes."""
+    _check_uint8_image(rgb)
+    array = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise ImageError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    """Encode an (H, W, 3) RGB uint8 array as JPEG bytes."""
+    _check_uint8_image(rgb)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Decode PNG bytes written by :func:`encode_png` (trusted, our own output)."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise DecodeError("not a PNG")
+    return array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def _check_uint8_image(array: np.ndarray) -> None:
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"expected (H, W, 3) or (H, W) uint8, got {array.shape} {array.dtype}")

@@ -1,0 +1,1 @@
+"""jobs: the Ray layer of facejobs (specs, storage, pipelines, training, CLI)."""

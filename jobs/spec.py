@@ -1,0 +1,163 @@
+"""Job specs: typed, validated, and free of secrets.
+
+A spec is a YAML or JSON document whose ``kind`` picks the job. Unknown fields
+are errors, and every error names the field it is about, e.g.
+``options.faces: face policy must be 'largest', 'all' or 'index:N', got 'most'``.
+Credentials never appear in a spec: they come from the environment or the
+instance role (``AWS_ACCESS_KEY_ID``... for S3).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from facecore.face import FacePolicy
+from facecore.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+
+
+class SpecError(ValueError):
+    """A spec is invalid. The message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_uri(value: str, field: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{field} must not be empty")
+    parts = urlsplit(value)
+    if parts.scheme not in ("", "file", "s3", "memory") and len(parts.scheme) > 1:
+        raise ValueError(f"{field}: unsupported scheme {parts.scheme!r} (use a local path, file://, s3://)")
+    if parts.username or parts.password:
+        raise ValueError(f"{field}: credentials must not be embedded in URIs; use the environment")
+    return value
+
+
+class StorageSpec(_Strict):
+    """Object storage settings. Credentials come from the environment only."""
+
+    endpoint_url: str | None = None  # any S3-compatible store: MinIO, Ceph, moto
+    region: str | None = None
+    anon: bool = False  # anonymous access to public buckets
+
+
+class InputSpec(_Strict):
+    manifest: str  # Parquet / CSV / JSONL file (or folder of Parquet) with a `uri` column
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_uri(cls, value: str) -> str:
+        return _check_uri(value, "manifest")
+
+
+class OutputSpec(_Strict):
+    path: str  # a folder: Parquet parts + _SUCCESS
+
+    @field_validator("path")
+    @classmethod
+    def _path_uri(cls, value: str) -> str:
+        return _check_uri(value, "path")
+
+
+class ResourcesSpec(_Strict):
+    """Where the stages run. Set by the pipeline builder, never inside a stage."""
+
+    concurrency: int = Field(2, ge=1)  # actors in each model/CPU pool
+    num_gpus: float = Field(0.0, ge=0)  # per model actor; 0 = CPU; fractions allowed
+    num_cpus: float | None = Field(None, gt=0)  # per CPU actor; None = fit the cluster
+    batch_size: int = Field(16, ge=1)  # rows per call of a stage
+    fetch_threads: int = Field(8, ge=1)  # parallel object reads per fetch call
+    rows_per_block: int = Field(256, ge=1)  # most input rows per task (and per output part)
+
+
+class AlignOptions(_Strict):
+    faces: str = "largest"  # largest | all | index:N (faces ordered by area)
+    size: int = Field(256, ge=32, le=2048)  # side of the aligned crop
+    method: Literal["similarity5", "affine68"] = "similarity5"
+    detector: Literal["hog", "cnn"] = "hog"
+    detect_max_side: int = Field(640, ge=0)  # detect on a copy this size; 0 = full size
+    upsample: int = Field(1, ge=0, le=3)
+    min_score: float = 0.0
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # refuse larger images from the header
+    min_side: int = Field(DEFAULT_MIN_SIDE, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1)  # refuse larger files before reading
+
+    @field_validator("faces")
+    @classmethod
+    def _face_policy(cls, value: str) -> str:
+        return str(FacePolicy.parse(value))
+
+
+class AlignJob(_Strict):
+    """Detect, landmark and align every face of every image."""
+
+    kind: Literal["align"]
+    input: InputSpec
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    models: dict[str, str] = Field(default_factory=dict)
+    options: AlignOptions = AlignOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _no_models(self) -> "AlignJob":
+        if self.models:
+            raise ValueError(f"models: align uses dlib's packaged models only, got {sorted(self.models)}")
+        return self
+
+
+JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob}
+JobSpec = Union[AlignJob]
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate a parsed spec document.
+
+    Raises:
+        SpecError: naming the first bad field(s) and what was wanted.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec is a mapping with a 'kind' field, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind not in JOB_KINDS:
+        raise SpecError(f"{source}: kind: must be one of {sorted(JOB_KINDS)}, got {kind!r}")
+    try:
+        return JOB_KINDS[kind].model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise SpecError(f"{source}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML or JSON spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{path}: not valid YAML/JSON: {exc}") from None
+    return parse_spec(data, source=str(path))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "spec"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{location}: unknown field"
+    if kind == "missing":
+        return f"{location}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        return f"{location}: {message} (got {given!r})"
+    return f"{location}: {message}"

@@ -1,0 +1,185 @@
+"""Ray Data stages: callable classes, loaded once in ``__init__``.
+
+Each ``__call__`` takes a batch (a pyarrow Table or a dict of columns) and
+returns a pyarrow Table. Stages never raise for a bad row: the row leaves with a
+``status`` other than "ok" and an ``error`` message, and later stages pass it
+through untouched. They raise only for systemic failure (a model that will not
+load). Resources are declared by the pipeline builder, not here, and every stage
+can be called on a plain dict in a test without Ray.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
+from facecore.images import DecodeLimits, ImageError, decode, encode_png
+from jobs.spec import AlignOptions, StorageSpec
+from jobs.storage import locate
+
+log = logging.getLogger(__name__)
+
+Batch = pa.Table | Mapping[str, Any]
+
+OK = "ok"
+
+# Column metadata written into the Parquet schema, so readers know the layout.
+ALIGN_FIELD_DOCS = {
+    "box": "detector box [left, top, right, bottom] in source pixels",
+    "landmarks": "68 iBUG landmarks in source pixels, flattened x0,y0,x1,y1,...",
+    "aligned_landmarks": "the same 68 landmarks in the aligned frame, flattened",
+    "matrix": "2x3 affine source->aligned, row-major [a,b,tx,c,d,ty]",
+    "aligned": "PNG bytes of the aligned face crop",
+    "width": "source width after EXIF orientation",
+    "height": "source height after EXIF orientation",
+    "face_index": "rank of this face by box area in the source, 0 = largest",
+    "face_count": "faces detected in the source",
+}
+
+ALIGN_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("face_index", pa.int32()),
+        pa.field("face_count", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("box", pa.list_(pa.float32())),
+        pa.field("landmarks", pa.list_(pa.float32())),
+        pa.field("aligned_landmarks", pa.list_(pa.float32())),
+        pa.field("matrix", pa.list_(pa.float64())),
+        pa.field("aligned", pa.binary()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ]
+)
+
+
+def columns(batch: Batch) -> dict[str, list]:
+    """A batch as a dict of Python lists, whatever form Ray handed over."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pydict()
+    return {name: list(values) for name, values in batch.items()}
+
+
+def _num_rows(cols: Mapping[str, list]) -> int:
+    return len(next(iter(cols.values()))) if cols else 0
+
+
+class FetchStage:
+    """Read each row's object into a ``data`` column; failures become status rows.
+
+    Input columns: ``key``, ``uri``. Output adds ``data`` (bytes or null),
+    ``status`` ("ok" or "fetch_error" / "too_large") and ``error``.
+    """
+
+    def __init__(self, storage: StorageSpec | None = None, max_bytes: int = 64 * 1024 * 1024,
+                 threads: int = 8) -> None:
+        self.storage = storage or StorageSpec()
+        self.max_bytes = max_bytes
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+
+    def _fetch(self, uri: str) -> tuple[bytes | None, str, str | None]:
+        try:
+            location = locate(uri, self.storage)
+            with location.fs.open(location.path, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)
+        except FileNotFoundError:
+            return None, "fetch_error", f"object not found: {uri}"
+        except IsADirectoryError:
+            return None, "fetch_error", f"is a folder, not an object: {uri}"
+        except Exception as exc:  # network, permissions, bad bucket: all per-row
+            return None, "fetch_error", f"{type(exc).__name__}: {exc}"
+        if len(data) > self.max_bytes:
+            return None, "too_large", f"file is larger than max_bytes={self.max_bytes}"
+        return data, OK, None
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        cols = columns(batch)
+        results = list(self._pool.map(self._fetch, cols["uri"]))
+        return pa.table(
+            {
+                "key": pa.array(cols["key"], pa.string()),
+                "uri": pa.array(cols["uri"], pa.string()),
+                "data": pa.array([r[0] for r in results], pa.binary()),
+                "status": pa.array([r[1] for r in results], pa.string()),
+                "error": pa.array([r[2] for r in results], pa.string()),
+            }
+        )
+
+
+class AlignStage:
+    """Decode, detect, landmark and align; one output row per kept face.
+
+    Input columns: ``key``, ``uri``, ``data``, ``status``, ``error``. Rows whose
+    status is not "ok" pass through as one row. A decodable image with no face
+    (or no face at the requested index) becomes one ``no_face`` row.
+    """
+
+    def __init__(self, options: AlignOptions = AlignOptions()) -> None:
+        self.options = options
+        self.policy = FacePolicy.parse(options.faces)
+        self.limits = DecodeLimits(max_pixels=options.max_pixels, min_side=options.min_side)
+        self.detector = FaceDetector(
+            DetectorConfig(
+                detector=options.detector,
+                detect_max_side=options.detect_max_side,
+                upsample=options.upsample,
+                min_score=options.min_score,
+            ),
+            reference=mean_face_reference(options.size),
+            align_method=options.method,
+        )
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        cols = columns(batch)
+        rows: list[dict[str, Any]] = []
+        for i in range(_num_rows(cols)):
+            key, uri = cols["key"][i], cols["uri"][i]
+            if cols["status"][i] != OK:
+                rows.append({"key": key, "uri": uri, "status": cols["status"][i], "error": cols["error"][i]})
+                continue
+            rows.extend(self._align_one(key, uri, cols["data"][i]))
+        return pa.Table.from_pylist(rows, schema=ALIGN_SCHEMA)
+
+    def _align_one(self, key: str, uri: str, data: bytes) -> list[dict[str, Any]]:
+        base = {"key": key, "uri": uri}
+        try:
+            image = decode(data, self.limits)
+        except ImageError as exc:
+            return [{**base, "status": exc.status, "error": str(exc)}]
+        size = {"width": image.width, "height": image.height}
+        try:
+            faces = self.detector(image.rgb)
+            kept = self.policy.select(faces)
+            if not kept:
+                wanted = "" if self.policy.mode != "index" else f" at index {self.policy.index}"
+                return [{**base, **size, "status": "no_face", "face_count": len(faces),
+                         "error": f"no face{wanted}: {len(faces)} detected"}]
+            rows = []
+            for face in kept:
+                aligned = self.detector.align(image.rgb, face.landmarks)
+                rows.append({
+                    **base,
+                    **size,
+                    "status": OK,
+                    "error": None,
+                    "face_index": faces.index(face),
+                    "face_count": len(faces),
+                    "score": face.score,
+                    "box": face.box.as_list(),
+                    "landmarks": face.landmarks.astype(np.float32).ravel().tolist(),
+                    "aligned_landmarks": aligned.landmarks.astype(np.float32).ravel().tolist(),
+                    "matrix": aligned.matrix.ravel().tolist(),
+                    "aligned": encode_png(aligned.image),
+                })
+            return rows
+        except Exception as exc:  # a per-image failure inside dlib/OpenCV
+            log.warning("align failed for %s: %s", uri, exc)
+            return [{**base, **size, "status": "align_error", "error": f"{type(exc).__name__}: {exc}"}]

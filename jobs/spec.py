@@ -85,7 +85,7 @@ class AlignOptions(_Strict):
     detector: Literal["hog", "cnn"] = "hog"
     detect_max_side: int = Field(640, ge=0)  # detect on a copy this size; 0 = full size
     upsample: int = Field(1, ge=0, le=3)
-    min_score: float = 0.0
+    min_score: float = 0.3
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # refuse larger images from the header
     min_side: int = Field(DEFAULT_MIN_SIDE, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1)  # refuse larger files before reading

@@ -130,7 +130,7 @@ class DetectorConfig:
     detector: Literal["hog", "cnn"] = "hog"
     detect_max_side: int = 640
     upsample: int = 1
-    min_score: float = 0.0
+    min_score: float = 0.3
 
 
 class FaceDetector:

@@ -1,0 +1,176 @@
+"""Sample photos and a bad-input corpus, for the demo, the tests and benchmarks.
+
+No third-party photo is committed to this repository. Real face photos come from
+packages on the Python package index: the ``face_recognition`` 1.3.0 source
+distribution ships ``tests/test_images/`` (two people, several photos each), and
+scikit-image ships ``astronaut.png``. They are fetched with pip into a cache
+folder on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+SDIST = "face_recognition==1.3.0"
+PHOTO_NAMES = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
+ENV_CACHE = "FACEJOBS_SAMPLE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where fetched sample photos live: ``$FACEJOBS_SAMPLE_CACHE`` or ``./.cache/sample-photos``."""
+    return Path(os.environ.get(ENV_CACHE, Path.cwd() / ".cache" / "sample-photos"))
+
+
+def sample_photos(folder: Path | None = None) -> dict[str, Path]:
+    """Real face photos by name, fetched from the package index if not cached.
+
+    Returns the ``face_recognition`` test photos (``obama*.jpg``, ``biden.jpg``)
+    and, when scikit-image is installed, ``astronaut.png``.
+    """
+    folder = Path(folder or cache_dir())
+    if not all((folder / name).is_file() for name in PHOTO_NAMES):
+        _download_test_images(folder)
+    photos = {name: folder / name for name in PHOTO_NAMES}
+    spec = importlib.util.find_spec("skimage")
+    if spec is not None and spec.submodule_search_locations:
+        astronaut = Path(next(iter(spec.submodule_search_locations))) / "data" / "astronaut.png"
+        if astronaut.is_file():
+            photos["astronaut.png"] = astronaut
+    return photos
+
+
+def _download_test_images(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+             "--dest", scratch, SDIST],
+            check=True,
+        )
+        archive = next(Path(scratch).glob("face_recognition-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if "/tests/test_images/" in member.name and member.isfile() and name.endswith((".jpg", ".png")):
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    with open(folder / name, "wb") as target:
+                        shutil.copyfileobj(source, target)
+
+
+def png_with_header_only(width: int, height: int) -> bytes:
+    """A valid-looking PNG whose header declares ``width x height`` with almost no data.
+
+    Decoding it for real would allocate width*height*3 bytes; a decoder that
+    checks the header first refuses it for free.
+    """
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg(image: Image.Image, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92, **save_args)
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def faceless_image(width: int = 480, height: int = 360, seed: int = 0) -> np.ndarray:
+    """A smooth synthetic landscape (sky, hills, blobs) with no face in it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([120 + 80 * y / height, 170 + 40 * y / height, 250 - 30 * y / height], axis=-1)
+    hill = (y > height * 0.6 + 30 * np.sin(x / 50.0))[..., None]
+    image = np.where(hill, np.array([70, 140, 60], np.float32), sky)
+    for _ in range(6):
+        cx, cy, radius = rng.uniform(0, width), rng.uniform(0, height * 0.5), rng.uniform(10, 30)
+        image[(x - cx) ** 2 + (y - cy) ** 2 < radius**2] = (250, 250, 250)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def bad_input_corpus(photo: Path, second_photo: Path) -> dict[str, tuple[bytes | None, str]]:
+    """Files that every job must survive, by file name, with the status each gets.
+
+    ``None`` as the bytes means the file must not exist (a missing object).
+
+    Args:
+        photo: a real photo with one face (becomes the RGBA, grey, CMYK, 16-bit
+            and EXIF-rotated variants).
+        second_photo: another one-face photo, put beside ``photo`` for the
+            several-faces case.
+    """
+    original = Image.open(photo).convert("RGB")
+    rgb = np.asarray(original)
+    jpeg_bytes = _jpeg(original)
+
+    rgba = original.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.full(rgb.shape[:2], 255, np.uint8)))
+    alpha = np.asarray(rgba).copy()
+    alpha[:40, :40, 3] = 0  # a transparent corner, composited onto white
+    rgba = Image.fromarray(alpha, "RGBA")
+
+    grey16 = (np.asarray(original.convert("L")).astype(np.uint16) * 257)
+    ok16, png16 = cv2.imencode(".png", grey16)
+    assert ok16
+
+    # Stored sideways (rotated 90 degrees counter-clockwise) with EXIF
+    # orientation 6, "rotate 90 clockwise to display", so it displays upright.
+    sideways = original.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+
+    other = Image.open(second_photo).convert("RGB")
+    height = max(original.height, other.height)
+    pair = Image.new("RGB", (original.width + other.width, height), (128, 128, 128))
+    pair.paste(original, (0, 0))
+    pair.paste(other, (original.width, 0))
+
+    return {
+        "empty.jpg": (b"", "decode_error"),
+        "truncated.jpg": (jpeg_bytes[: len(jpeg_bytes) * 6 // 10], "decode_error"),
+        "text_renamed.jpg": (b"this is a text file, not a photo\n" * 20, "decode_error"),
+        "one_pixel.png": (_png(Image.new("RGB", (1, 1), (200, 150, 120))), "too_small"),
+        "sixteen_bit.png": (png16.tobytes(), "ok"),
+        "rgba.png": (_png(rgba), "ok"),
+        "grey.jpg": (_jpeg(original.convert("L")), "ok"),
+        "cmyk.jpg": (_jpeg(original.convert("CMYK")), "ok"),
+        "exif_rotated.jpg": (_jpeg(sideways, exif=exif.tobytes()), "ok"),
+        "huge_header.png": (png_with_header_only(40000, 40000), "too_large"),
+        "does_not_exist.jpg": (None, "fetch_error"),
+        "no_face.png": (_png(Image.fromarray(faceless_image())), "no_face"),
+        "several_faces.jpg": (_jpeg(pair), "ok"),
+    }
+
+
+def write_corpus(folder: Path, corpus: dict[str, tuple[bytes | None, str]]) -> list[Path]:
+    """Write a corpus to a folder; returns every path, missing ones included."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (data, _status) in corpus.items():
+        path = folder / name
+        if data is not None:
+            path.write_bytes(data)
+        paths.append(path)
+    return paths

@@ -49,7 +49,8 @@ def read_manifest(uri: str, storage: StorageSpec | None = None) -> pa.Table:
     bad_rows = pc.indices_nonzero(pc.fill_null(bad, True)).to_pylist()
     if bad_rows:
         raise ManifestError(f"input.manifest: {uri}: empty uri in rows {bad_rows[:10]}")
-    base = Location(location.fs, posixpath.dirname(location.path), location.scheme)
+    folder = location.path if location.fs.isdir(location.path) else posixpath.dirname(location.path)
+    base = Location(location.fs, folder, location.scheme)
     raw = uris.to_pylist()
     if "key" in table.column_names:
         keys = [None if k is None else str(k) for k in table.column("key").to_pylist()]

@@ -67,6 +67,14 @@ class PartSink(Datasink):
         return [folder.commit(table)]
 
 
+def init_ray(address: str | None = None) -> None:
+    """Connect to a cluster, or start a local Ray bound to loopback only."""
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+
+
 def _cpu_actor_cpus(spec: JobSpec) -> float:
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
@@ -125,7 +133,7 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> 
              manifest.num_rows - pending.num_rows, pending.num_rows)
     if pending.num_rows:
         if not ray.is_initialized():
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            init_ray(address)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
         dataset = build(spec, pending)

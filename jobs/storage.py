@@ -78,7 +78,7 @@ def resolve_relative(uri: str, base: Location) -> str:
     """A manifest entry as a full URI: relative paths are relative to ``base``."""
     if scheme_of(uri) or uri.startswith("/") or uri.startswith("file://"):
         return uri
-    return base.join(uri).uri
+    return Location(base.fs, posixpath.normpath(posixpath.join(base.path, uri)), base.scheme).uri
 
 
 def write_atomic(location: Location, data: bytes) -> None:

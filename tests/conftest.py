@@ -13,6 +13,13 @@ from jobs.samples import sample_photos as fetch_sample_photos
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    # Fake credentials for the moto S3 server, set before Ray starts so that its
+    # workers inherit them (moto accepts any; real ones, if set, are kept).
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Path]:
     """Real face photos fetched from the package index (cached under .cache/)."""
@@ -27,7 +34,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                 configure_logging=False, log_to_driver=False)
+                 _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -40,18 +47,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 with fake credentials in the environment."""
+    """A moto S3 server on 127.0.0.1 (credentials: see pytest_configure)."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="eu-west-1")
     yield f"http://127.0.0.1:{port}"
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value

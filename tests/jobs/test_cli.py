@@ -1,0 +1,25 @@
+import yaml
+
+from jobs.cli import main
+from jobs.manifest import write_manifest
+
+
+def test_validate_reports_rows(tmp_path, capsys):
+    write_manifest(["a.jpg", "b.jpg"], str(tmp_path / "m.parquet"))
+    spec = {"kind": "align", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": "o"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    assert "valid align job, 2 input rows" in capsys.readouterr().out
+
+
+def test_missing_manifest_fails_fast_naming_it(tmp_path, capsys):
+    spec = {"kind": "align", "input": {"manifest": str(tmp_path / "none.csv")}, "output": {"path": "o"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "s.yaml")]) == 2
+    assert "input.manifest:" in capsys.readouterr().err
+
+
+def test_bad_spec_exit_code_and_message(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("kind: align\ninput: {manifest: m.csv}\noutput: {path: o}\nresources: {batch_size: -1}\n")
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    assert "resources.batch_size:" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.manifest import ManifestError, read_manifest, stable_key, write_manifest
+
+
+def test_formats_agree(tmp_path):
+    uris = ["a.jpg", "sub/b.png", "/abs/c.jpg", "s3://bucket/d.jpg"]
+    write_manifest(uris, str(tmp_path / "m.parquet"))
+    (tmp_path / "m.csv").write_text("uri\n" + "\n".join(uris) + "\n")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"uri": u}) for u in uris) + "\n")
+    tables = [read_manifest(str(tmp_path / name)) for name in ("m.parquet", "m.csv", "m.jsonl")]
+    for table in tables:
+        assert table.column_names == ["key", "uri"]
+        assert table.column("key").to_pylist() == [stable_key(u) for u in uris]
+        assert table.column("uri").to_pylist() == [
+            str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.png"), "/abs/c.jpg", "s3://bucket/d.jpg"]
+
+
+def test_explicit_keys_kept_as_strings(tmp_path):
+    (tmp_path / "m.csv").write_text("key,uri\n001,a.jpg\n002,b.jpg\n")
+    assert read_manifest(str(tmp_path / "m.csv")).column("key").to_pylist() == ["001", "002"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("path\na.jpg\n", "no 'uri' column"),
+        ("uri\na.jpg\na.jpg\n", "duplicate keys .* give a 'key' column"),
+        ("key,uri\nx,a.jpg\nx,b.jpg\n", r"duplicate keys \['x'\]"),
+        ('uri\na.jpg\n""\n', r"empty uri in rows \[1\]"),
+    ],
+)
+def test_bad_manifests(tmp_path, content, message):
+    (tmp_path / "m.csv").write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(str(tmp_path / "m.csv"))
+
+
+def test_missing_and_unknown(tmp_path):
+    with pytest.raises(ManifestError, match=r"input\.manifest: .*nope\.parquet does not exist"):
+        read_manifest(str(tmp_path / "nope.parquet"))
+    (tmp_path / "m.xlsx").write_bytes(b"PK")
+    with pytest.raises(ManifestError, match="unknown format 'xlsx'"):
+        read_manifest(str(tmp_path / "m.xlsx"))
+
+
+def test_folder_of_parquet(tmp_path):
+    (tmp_path / "m").mkdir()
+    pq.write_table(pa.table({"uri": ["a.jpg"]}), tmp_path / "m" / "0.parquet")
+    pq.write_table(pa.table({"uri": ["b.jpg"]}), tmp_path / "m" / "1.parquet")
+    assert read_manifest(str(tmp_path / "m")).num_rows == 2

@@ -11,60 +11,46 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+import cv2
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-from ray.data import ActorPoolStrategy, Datasink
-from ray.data.block import Block, BlockAccessor
+from ray.data import ActorPoolStrategy
 
 from jobs.manifest import read_manifest
 from jobs.output import OutputFolder, RunSummary
 from jobs.spec import AlignJob, JobSpec
-from jobs.stages import ALIGN_FIELD_DOCS, AlignStage, FetchStage
+from jobs.stages import ALIGN_FIELD_DOCS, AlignStage, CommitStage, FetchStage
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
 
-# CPU left free for the small I/O tasks (writes) beside CPU actor pools. Actor
-# pools that claim every CPU starve those tasks and the pipeline hangs with
-# 0 rows (ray-project/ray#44687).
-IO_TASK_CPUS = 0.25
-IO_CPU_RESERVE = 0.5
+# CPU left unclaimed beside the CPU actor pools: pools that claim every CPU
+# starve any other task of the job and the pipeline hangs with 0 rows
+# (ray-project/ray#44687). Logical only: the actors still use every core.
+CPU_RESERVE = 0.25
 
 
 class Chain:
     """Run several stages one after the other inside one actor.
 
-    Fetching and aligning in the same process keeps image bytes out of the
-    object store; each stage is still its own class, testable alone.
+    Fetching, aligning and committing in the same process keeps image bytes out
+    of the object store and needs no extra write tasks; each stage is still its
+    own class, testable alone.
     """
 
-    def __init__(self, stages: list[tuple[type, dict[str, Any]]]) -> None:
+    def __init__(self, stages: list[tuple[type, dict[str, Any]]], cv2_threads: int = 1) -> None:
+        # Each actor is one of several processes per node, each given about one
+        # CPU: OpenCV's own thread pool would only oversubscribe the cores.
+        cv2.setNumThreads(cv2_threads)
         self.stages: list[Callable] = [cls(**kwargs) for cls, kwargs in stages]
 
     def __call__(self, batch: Any) -> pa.Table:
         for stage in self.stages:
             batch = stage(batch)
         return batch
-
-
-class PartSink(Datasink):
-    """Commit each write task's rows as one part of an :class:`OutputFolder`."""
-
-    def __init__(self, output_uri: str, storage, metadata: dict[str, str]) -> None:
-        self.output_uri = output_uri
-        self.storage = storage
-        self.metadata = metadata
-
-    def write(self, blocks: Iterable[Block], ctx) -> list[str]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables).replace_schema_metadata(self.metadata)
-        folder = OutputFolder(locate(self.output_uri, self.storage))
-        return [folder.commit(table)]
 
 
 def init_ray(address: str | None = None) -> None:
@@ -79,7 +65,7 @@ def _cpu_actor_cpus(spec: JobSpec) -> float:
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, (total - IO_CPU_RESERVE) / spec.resources.concurrency))
+    return max(0.1, min(1.0, (total - CPU_RESERVE) / spec.resources.concurrency))
 
 
 def _schema_metadata(spec: JobSpec, field_docs: dict[str, str]) -> dict[str, str]:
@@ -90,26 +76,35 @@ def _schema_metadata(spec: JobSpec, field_docs: dict[str, str]) -> dict[str, str
     }
 
 
-def build(spec: JobSpec, manifest: pa.Table) -> ray.data.Dataset:
-    """The lazy dataset of output rows for the manifest rows given."""
+def build(spec: JobSpec, manifest: pa.Table, output: OutputFolder) -> ray.data.Dataset:
+    """The lazy dataset that processes the given manifest rows into ``output``.
+
+    Each input block is fetched, aligned and committed as one output part by
+    one actor call; the dataset's rows are the commit records (part, rows, keys).
+    """
     if not isinstance(spec, AlignJob):
         raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
     resources = spec.resources
-    rows_per_block = max(resources.batch_size, min(resources.rows_per_block,
-                         math.ceil(manifest.num_rows / (4 * resources.concurrency)) or 1))
+    # Small blocks keep the actors evenly busy to the end (a block is the unit
+    # of work an actor takes, and one output part), capped by rows_per_block.
+    rows_per_block = min(resources.rows_per_block,
+                         max(8, math.ceil(manifest.num_rows / (16 * resources.concurrency))))
     slices = [manifest.slice(start, rows_per_block) for start in range(0, manifest.num_rows, rows_per_block)]
-    dataset = ray.data.from_arrow(slices)
     chain = [
         (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
                       "threads": resources.fetch_threads}),
         (AlignStage, {"options": spec.options}),
+        (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage,
+                       "metadata": _schema_metadata(spec, ALIGN_FIELD_DOCS)}),
     ]
-    return dataset.map_batches(
+    return ray.data.from_arrow(slices).map_batches(
         Chain,
         fn_constructor_kwargs={"stages": chain},
-        batch_size=resources.batch_size,
+        batch_size=None,  # one call per block: one block in, one part out
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=resources.concurrency),
+        # Two tasks in flight per actor: enough to hide the hand-over, few enough
+        # that no actor sits on a queue while another idles at the end.
+        compute=ActorPoolStrategy(size=resources.concurrency, max_tasks_in_flight_per_actor=2),
         num_cpus=_cpu_actor_cpus(spec),
     )
 
@@ -122,25 +117,20 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> 
     """
     started = time.perf_counter()
     manifest = read_manifest(spec.input.manifest, spec.storage)
-    output_location = locate(spec.output.path, spec.storage)
-    folder = OutputFolder(output_location)
+    folder = OutputFolder(locate(spec.output.path, spec.storage))
     folder.prepare()
     done = folder.done_keys()
     all_keys = manifest.column("key").to_pylist()
-    pending_mask = pa.array([k not in done for k in all_keys])
-    pending = manifest.filter(pending_mask)
+    pending = manifest.filter(pa.array([k not in done for k in all_keys]))
     log.info("%d input rows, %d already done, %d to process", manifest.num_rows,
              manifest.num_rows - pending.num_rows, pending.num_rows)
     if pending.num_rows:
         if not ray.is_initialized():
             init_ray(address)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        dataset = build(spec, pending)
-        dataset.write_datasink(
-            PartSink(output_location.uri, spec.storage, _schema_metadata(spec, ALIGN_FIELD_DOCS)),
-            ray_remote_args={"num_cpus": IO_TASK_CPUS},
-        )
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        records = build(spec, pending, folder).iter_batches(batch_size=None, batch_format="pyarrow")
+        committed = sum(pc.sum(batch.column("keys")).as_py() or 0 for batch in records)
+        log.info("committed %d keys in this run", committed)
     counts, output_rows, removed, extra = folder.reconcile(set(all_keys))
     summary = RunSummary(
         kind=spec.kind,
@@ -153,7 +143,7 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> 
         seconds=round(time.perf_counter() - started, 3),
         duplicates_removed=removed,
         extra_keys=extra,
-        output=output_location.uri,
+        output=folder.location.uri,
     )
     folder.write_success(summary)
     return summary

@@ -73,9 +73,9 @@ class ResourcesSpec(_Strict):
     concurrency: int = Field(2, ge=1)  # actors in each model/CPU pool
     num_gpus: float = Field(0.0, ge=0)  # per model actor; 0 = CPU; fractions allowed
     num_cpus: float | None = Field(None, gt=0)  # per CPU actor; None = fit the cluster
-    batch_size: int = Field(16, ge=1)  # rows per call of a stage
+    batch_size: int = Field(16, ge=1)  # rows per model call in model (GPU) stages
     fetch_threads: int = Field(8, ge=1)  # parallel object reads per fetch call
-    rows_per_block: int = Field(256, ge=1)  # most input rows per task (and per output part)
+    rows_per_block: int = Field(256, ge=1)  # most input rows per CPU-pool call and per output part
 
 
 class AlignOptions(_Strict):

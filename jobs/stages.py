@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
+from jobs.output import OutputFolder
 from jobs.spec import AlignOptions, StorageSpec
 from jobs.storage import locate
 
@@ -183,3 +184,29 @@ class AlignStage:
         except Exception as exc:  # a per-image failure inside dlib/OpenCV
             log.warning("align failed for %s: %s", uri, exc)
             return [{**base, **size, "status": "align_error", "error": f"{type(exc).__name__}: {exc}"}]
+
+
+COMMIT_SCHEMA = pa.schema([pa.field("part", pa.string()), pa.field("rows", pa.int64()),
+                           pa.field("keys", pa.int64())])
+
+
+class CommitStage:
+    """Commit a batch of output rows as one part of the job's output folder.
+
+    Returns one small record per part (its name, row and key counts) instead of
+    the rows themselves, so the images never travel through the object store.
+    Safe to run twice on the same rows: the part name is a hash of their keys.
+    """
+
+    def __init__(self, output_uri: str, storage: StorageSpec | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.folder = OutputFolder(locate(output_uri, storage))
+        self.metadata = metadata or {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:
+            return COMMIT_SCHEMA.empty_table()
+        table = batch.replace_schema_metadata({**(batch.schema.metadata or {}), **self.metadata})
+        name = self.folder.commit(table)
+        keys = len(set(table.column("key").to_pylist()))
+        return pa.table({"part": [name], "rows": [table.num_rows], "keys": [keys]}, schema=COMMIT_SCHEMA)

@@ -83,3 +83,20 @@ def test_stage_is_deterministic(corpus):
     first = stage(FetchStage()(batch))
     second = stage(FetchStage()(batch))
     assert first.equals(second)
+
+
+def test_commit_stage_is_safe_to_run_twice(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.stages import CommitStage
+
+    stage = CommitStage(str(tmp_path / "out"), metadata={"facejobs.kind": "align"})
+    batch = pa.table({"key": ["a", "a", "b"], "status": ["ok", "ok", "no_face"]})
+    first = stage(batch).to_pylist()
+    second = stage(batch).to_pylist()
+    assert first == second and first[0]["rows"] == 3 and first[0]["keys"] == 2
+    parts = list((tmp_path / "out").glob("part-*.parquet"))
+    assert len(parts) == 1
+    assert pq.read_schema(parts[0]).metadata[b"facejobs.kind"] == b"align"
+    assert stage(batch.slice(0, 0)).num_rows == 0

@@ -26,7 +26,7 @@ import json
 import logging
 import posixpath
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import pyarrow as pa

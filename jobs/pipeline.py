@@ -104,7 +104,7 @@ def build(spec: JobSpec, manifest: pa.Table, output: OutputFolder) -> ray.data.D
         batch_format="pyarrow",
         # Two tasks in flight per actor: enough to hide the hand-over, few enough
         # that no actor sits on a queue while another idles at the end.
-        compute=ActorPoolStrategy(size=resources.concurrency, max_tasks_in_flight_per_actor=2),
+        compute=ActorPoolStrategy(size=min(resources.concurrency, len(slices)), max_tasks_in_flight_per_actor=2),
         num_cpus=_cpu_actor_cpus(spec),
     )
 

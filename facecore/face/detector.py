@@ -9,7 +9,7 @@ full-resolution image, so the downscale costs recall on tiny faces only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2

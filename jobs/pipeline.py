@@ -1,8 +1,9 @@
 """Build and run job pipelines on Ray Data.
 
-``build(spec, manifest)`` returns the lazy :class:`ray.data.Dataset` of output
-rows; ``run(spec)`` adds what makes a job a job: resume over an existing output,
-exactly-once commits, a final reconciliation and ``_SUCCESS``.
+``build(spec, manifest, output)`` returns the lazy :class:`ray.data.Dataset`
+that fetches, aligns and commits output parts (its rows are commit records);
+``run(spec)`` adds what makes a job a job: resume over an existing output, a
+final reconciliation that proves every input row is there once, and ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from jobs.storage import locate
 
 log = logging.getLogger(__name__)
 
-# CPU left unclaimed beside the CPU actor pools: pools that claim every CPU
-# starve any other task of the job and the pipeline hangs with 0 rows
-# (ray-project/ray#44687). Logical only: the actors still use every core.
+# CPU left unclaimed beside a CPU actor pool sized by default: pools that claim
+# every CPU starve any other task on the cluster (a later stage, another job)
+# and a pipeline waiting on such a task hangs with 0 rows (ray-project/ray#44687).
+# Logical only: the actors still use every core.
 CPU_RESERVE = 0.25
 
 

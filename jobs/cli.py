@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.manifest import ManifestError, read_manifest
+from jobs.manifest import ManifestError, input_rows
 from jobs.output import OutputError, RunSummary
 from jobs.spec import JobSpec, SpecError, load_spec
 
@@ -39,14 +39,14 @@ def format_summary(summary: RunSummary) -> str:
 
 def _load(path: str) -> JobSpec:
     spec = load_spec(path)
-    read_manifest(spec.input.manifest, spec.storage)  # fails fast, naming input.manifest
+    input_rows(spec)  # fails fast, naming input.manifest
     return spec
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    manifest = read_manifest(spec.input.manifest, spec.storage)
-    print(f"{args.spec}: valid {spec.kind} job, {manifest.num_rows} input rows -> {spec.output.path}")
+    rows = input_rows(spec)
+    print(f"{args.spec}: valid {spec.kind} job, {rows.num_rows} input rows -> {spec.output.path}")
     return 0
 
 

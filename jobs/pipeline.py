@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
-from jobs.manifest import read_manifest
+from jobs.manifest import input_rows, rig_schema
 from jobs.output import OutputFolder, RunSummary
-from jobs.spec import AlignJob, JobSpec
-from jobs.stages import ALIGN_FIELD_DOCS, AlignStage, CommitStage, FetchStage
+from jobs.spec import AlignJob, JobSpec, RenderJob
+from jobs.stages import ALIGN_FIELD_DOCS, RENDER_FIELD_DOCS, AlignStage, CommitStage, FetchStage, RenderStage
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
@@ -70,45 +70,80 @@ def _cpu_actor_cpus(spec: JobSpec) -> float:
     return max(0.1, min(1.0, (total - CPU_RESERVE) / spec.resources.concurrency))
 
 
-def _schema_metadata(spec: JobSpec, field_docs: dict[str, str]) -> dict[str, str]:
+def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) -> dict[str, str]:
     return {
         "facejobs.kind": spec.kind,
         "facejobs.options": spec.options.model_dump_json(),
         "facejobs.columns": json.dumps(field_docs, sort_keys=True),
+        **extra,
     }
 
 
-def build(spec: JobSpec, manifest: pa.Table, output: OutputFolder) -> ray.data.Dataset:
-    """The lazy dataset that processes the given manifest rows into ``output``.
-
-    Each input block is fetched, aligned and committed as one output part by
-    one actor call; the dataset's rows are the commit records (part, rows, keys).
-    """
-    if not isinstance(spec, AlignJob):
-        raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
+def _blocks(rows: pa.Table, spec: JobSpec) -> list[pa.Table]:
+    # Small blocks keep the workers evenly busy to the end (a block is the unit
+    # of work a worker takes, and one output part), capped by rows_per_block.
     resources = spec.resources
-    # Small blocks keep the actors evenly busy to the end (a block is the unit
-    # of work an actor takes, and one output part), capped by rows_per_block.
     rows_per_block = min(resources.rows_per_block,
-                         max(8, math.ceil(manifest.num_rows / (16 * resources.concurrency))))
-    slices = [manifest.slice(start, rows_per_block) for start in range(0, manifest.num_rows, rows_per_block)]
-    chain = [
-        (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
-                      "threads": resources.fetch_threads}),
-        (AlignStage, {"options": spec.options}),
-        (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage,
-                       "metadata": _schema_metadata(spec, ALIGN_FIELD_DOCS)}),
-    ]
-    return ray.data.from_arrow(slices).map_batches(
-        Chain,
-        fn_constructor_kwargs={"stages": chain},
-        batch_size=None,  # one call per block: one block in, one part out
-        batch_format="pyarrow",
-        # Two tasks in flight per actor: enough to hide the hand-over, few enough
-        # that no actor sits on a queue while another idles at the end.
-        compute=ActorPoolStrategy(size=min(resources.concurrency, len(slices)), max_tasks_in_flight_per_actor=2),
-        num_cpus=_cpu_actor_cpus(spec),
-    )
+                         max(8, math.ceil(rows.num_rows / (16 * resources.concurrency))))
+    return [rows.slice(start, rows_per_block) for start in range(0, rows.num_rows, rows_per_block)]
+
+
+def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Dataset:
+    """The lazy dataset that processes ``rows`` (from :func:`input_rows`) into ``output``.
+
+    Each input block is processed and committed as one output part by one call;
+    the dataset's rows are the commit records (part, rows, keys).
+    """
+    blocks = _blocks(rows, spec)
+    resources = spec.resources
+    if isinstance(spec, AlignJob):
+        chain = [
+            (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
+                          "threads": resources.fetch_threads}),
+            (AlignStage, {"options": spec.options}),
+            (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage,
+                           "metadata": _schema_metadata(spec, ALIGN_FIELD_DOCS)}),
+        ]
+        return ray.data.from_arrow(blocks).map_batches(
+            Chain,
+            fn_constructor_kwargs={"stages": chain},
+            batch_size=None,  # one call per block: one block in, one part out
+            batch_format="pyarrow",
+            # Two tasks in flight per actor: enough to hide the hand-over, few
+            # enough that no actor sits on a queue while another idles at the end.
+            compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)),
+                                      max_tasks_in_flight_per_actor=2),
+            num_cpus=_cpu_actor_cpus(spec),
+        )
+    if isinstance(spec, RenderJob):
+        from facecore.rig import HELEN_CLASSES
+
+        schema = rig_schema(spec)
+        metadata = _schema_metadata(spec, RENDER_FIELD_DOCS, **{
+            "facejobs.params": json.dumps(list(schema.vector_names)),
+            "facejobs.rig": json.dumps(schema.to_dict()),
+            "facejobs.mask_classes": json.dumps(list(HELEN_CLASSES)),
+        })
+        chain = [
+            (RenderStage, {"options": spec.options}),
+            (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
+        ]
+        # Rendering needs no model: plain tasks, one CPU each, as many at once as
+        # the spec's concurrency.
+        return ray.data.from_arrow(blocks).map_batches(
+            run_chain,
+            fn_kwargs={"stages": chain},
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
+            num_cpus=1,
+        )
+    raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
+
+
+def run_chain(batch: pa.Table, stages: list[tuple[type, dict[str, Any]]]) -> pa.Table:
+    """A :class:`Chain` for one call, for stages cheap enough to build per task."""
+    return Chain(stages)(batch)
 
 
 def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> RunSummary:
@@ -118,7 +153,7 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> 
     systemic failure only (bad manifest, unreachable output, missing model).
     """
     started = time.perf_counter()
-    manifest = read_manifest(spec.input.manifest, spec.storage)
+    manifest = input_rows(spec)
     folder = OutputFolder(locate(spec.output.path, spec.storage))
     folder.prepare()
     done = folder.done_keys()

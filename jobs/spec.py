@@ -114,8 +114,49 @@ class AlignJob(_Strict):
         return self
 
 
-JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob}
-JobSpec = Union[AlignJob]
+class RenderOptions(_Strict):
+    count: int = Field(1000, ge=1)  # renders to sample (ignored with an input manifest)
+    size: int = Field(256, ge=16, le=1024)  # image side in pixels
+    seed: int = Field(0, ge=0)  # sampling seed: row i is drawn from (seed, i)
+    fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
+    rig: str | None = None  # rig schema YAML; default: the built-in rig
+
+    @model_validator(mode="after")
+    def _fixed_in_schema(self) -> "RenderOptions":
+        from facecore.rig import SchemaError, default_schema, load_schema
+
+        try:
+            schema = load_schema(self.rig) if self.rig else default_schema()
+            schema.complete(self.fixed)
+        except SchemaError as exc:
+            raise ValueError(f"fixed: {exc}" if self.fixed else str(exc)) from None
+        return self
+
+
+class RenderInputSpec(_Strict):
+    # Optional: a table of parameter sets, one column per parameter name (discrete
+    # groups as their choice), or one `params` column holding flat vectors.
+    manifest: str
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_uri(cls, value: str) -> str:
+        return _check_uri(value, "manifest")
+
+
+class RenderJob(_Strict):
+    """Render avatars from sampled or given rig parameters."""
+
+    kind: Literal["render"]
+    input: RenderInputSpec | None = None
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    options: RenderOptions = RenderOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob}
+JobSpec = Union[AlignJob, RenderJob]
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
-from jobs.spec import AlignOptions, StorageSpec
+from jobs.spec import AlignOptions, RenderOptions, StorageSpec
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
@@ -210,3 +210,73 @@ class CommitStage:
         name = self.folder.commit(table)
         keys = len(set(table.column("key").to_pylist()))
         return pa.table({"part": [name], "rows": [table.num_rows], "keys": [keys]}, schema=COMMIT_SCHEMA)
+
+
+RENDER_FIELD_DOCS = {
+    "params": "flat rig vector; slot names in facejobs.params",
+    "image": "PNG bytes of the render",
+    "mask": "PNG bytes of the parsing mask, one Helen class index per pixel (facejobs.mask_classes)",
+    "landmarks": "68 iBUG landmarks in pixels, flattened x0,y0,x1,y1,...",
+    "size": "image side in pixels",
+}
+
+RENDER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("params", pa.list_(pa.float32())),
+        pa.field("image", pa.binary()),
+        pa.field("mask", pa.binary()),
+        pa.field("landmarks", pa.list_(pa.float32())),
+        pa.field("size", pa.int32()),
+    ]
+)
+
+
+class RenderStage:
+    """Render rig parameter sets: given vectors, or sampled per row from (seed, index).
+
+    Input columns: ``key``, ``index``, ``params`` (null = sample), ``status``,
+    ``error``. Sampling a row depends only on (seed, index), so any sharding of
+    the rows, and any retry, renders the same pixels.
+    """
+
+    def __init__(self, options: RenderOptions = RenderOptions()) -> None:
+        from facecore.rig import Renderer, default_schema, load_schema
+
+        self.options = options
+        self.schema = load_schema(options.rig) if options.rig else default_schema()
+        self.renderer = Renderer(self.schema)
+
+    def params_for(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.options.seed, index])
+        return self.schema.encode(self.schema.sample(rng, 1, self.options.fixed)[0])
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        cols = columns(batch)
+        rows = []
+        for i in range(_num_rows(cols)):
+            key = cols["key"][i]
+            if cols["status"][i] != OK:
+                rows.append({"key": key, "status": cols["status"][i], "error": cols["error"][i]})
+                continue
+            given = cols["params"][i]
+            vector = np.asarray(given, np.float32) if given is not None else self.params_for(int(cols["index"][i]))
+            try:
+                render = self.renderer.render(vector, self.options.size)
+            except Exception as exc:  # a parameter set the renderer cannot draw
+                rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
+                             "params": vector.tolist()})
+                continue
+            rows.append({
+                "key": key,
+                "status": OK,
+                "error": None,
+                "params": vector.tolist(),
+                "image": encode_png(render.image),
+                "mask": encode_png(render.mask),
+                "landmarks": render.landmarks.ravel().tolist(),
+                "size": self.options.size,
+            })
+        return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)

@@ -203,3 +203,18 @@ def decode_png(data: bytes) -> np.ndarray:
 def _check_uint8_image(array: np.ndarray) -> None:
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"expected (H, W, 3) or (H, W) uint8, got {array.shape} {array.dtype}")
+
+
+def tile(images: list[np.ndarray], columns: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Lay equally sized (H, W, 3) uint8 images out in a grid (a contact sheet)."""
+    if not images:
+        raise ValueError("tile needs at least one image")
+    height, width = images[0].shape[:2]
+    if any(im.shape != images[0].shape for im in images):
+        raise ValueError("tile needs images of one shape")
+    rows = -(-len(images) // columns)
+    sheet = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, 3), fill, np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (height + pad), pad + (i % columns) * (width + pad)
+        sheet[top:top + height, left:left + width] = image
+    return sheet

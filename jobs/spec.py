@@ -15,7 +15,15 @@ from typing import Any, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from facecore.face import FacePolicy
 from facecore.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
@@ -118,19 +126,26 @@ class RenderOptions(_Strict):
     count: int = Field(1000, ge=1)  # renders to sample (ignored with an input manifest)
     size: int = Field(256, ge=16, le=1024)  # image side in pixels
     seed: int = Field(0, ge=0)  # sampling seed: row i is drawn from (seed, i)
-    fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
     rig: str | None = None  # rig schema YAML; default: the built-in rig
+    fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
 
-    @model_validator(mode="after")
-    def _fixed_in_schema(self) -> "RenderOptions":
-        from facecore.rig import SchemaError, default_schema, load_schema
+    @field_validator("rig")
+    @classmethod
+    def _rig_readable(cls, value: str | None) -> str | None:
+        from facecore.rig import load_schema
 
-        try:
-            schema = load_schema(self.rig) if self.rig else default_schema()
-            schema.complete(self.fixed)
-        except SchemaError as exc:
-            raise ValueError(f"fixed: {exc}" if self.fixed else str(exc)) from None
-        return self
+        if value is not None:
+            load_schema(value)  # SchemaError is a ValueError: reported at options.rig
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_in_schema(cls, value: dict, info: ValidationInfo) -> dict:
+        from facecore.rig import default_schema, load_schema
+
+        rig = info.data.get("rig")
+        (load_schema(rig) if rig else default_schema()).complete(value)
+        return value
 
 
 class RenderInputSpec(_Strict):

@@ -40,6 +40,32 @@ FIVE_POINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_l
 FIVE_POINT_WEIGHTS = (1.0, 1.0, 0.1, 0.05, 0.05)
 
 
+# Index of each landmark's mirror image (left <-> right) in the iBUG scheme.
+MIRROR = np.array(
+    list(range(16, -1, -1))  # jaw
+    + list(range(26, 21, -1)) + list(range(21, 16, -1))  # brows
+    + [27, 28, 29, 30, 35, 34, 33, 32, 31]  # nose
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]  # eyes
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
+    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lips
+)
+
+
+def mirrored(points68: np.ndarray, axis_x: float = 0.0) -> np.ndarray:
+    """The landmarks of the mirror-image face (flipped about x = axis_x, relabelled)."""
+    points68 = check_landmarks68(points68)
+    flipped = points68[MIRROR].copy()
+    flipped[:, 0] = 2.0 * axis_x - flipped[:, 0]
+    return flipped
+
+
+def symmetrised(points68: np.ndarray) -> np.ndarray:
+    """The nearest left-right symmetric shape: the mean of a shape and its mirror image."""
+    points68 = check_landmarks68(points68)
+    axis_x = float(points68[:, 0].min() + points68[:, 0].max()) / 2.0
+    return (points68 + mirrored(points68, axis_x)) / 2.0
+
+
 def check_landmarks68(points: np.ndarray) -> np.ndarray:
     """Return ``points`` as float64 (68, 2), or raise naming the bad shape."""
     points = np.asarray(points, dtype=np.float64)

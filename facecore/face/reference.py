@@ -48,7 +48,7 @@ class ReferenceFace:
 def mean_face_reference(size: int = 256, face_width: float = 0.58, centre_y: float = 0.56) -> ReferenceFace:
     """Reference built from dlib's mean 68-point shape.
 
-    The mean shape is centred horizontally, scaled so its landmarks span
+    The mean shape, made exactly left-right symmetric, is centred horizontally, scaled so its landmarks span
     ``face_width`` of the frame, and its landmark box centred at ``centre_y``
     (a little below the middle, leaving room for forehead and hair).
 
@@ -59,7 +59,7 @@ def mean_face_reference(size: int = 256, face_width: float = 0.58, centre_y: flo
     """
     if not 0.1 <= face_width <= 1.0:
         raise ValueError(f"face_width must be in [0.1, 1.0], got {face_width}")
-    shape = mean_shape_68()
+    shape = lm.symmetrised(mean_shape_68())
     low, high = shape.min(axis=0), shape.max(axis=0)
     scale = face_width * size / (high[0] - low[0])
     centre = (low + high) / 2.0

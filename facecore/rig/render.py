@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from facecore.face.dlib_models import mean_shape_68
+from facecore.face.landmarks import symmetrised
 from facecore.rig.classes import CLASS_INDEX as C
 from facecore.rig.schema import RigSchema, SchemaError, default_schema
 
@@ -62,7 +63,7 @@ class RigRender:
 @functools.cache
 def _template() -> np.ndarray:
     """(68, 3) canonical neutral face: dlib's mean shape with a plausible depth."""
-    shape = mean_shape_68()
+    shape = symmetrised(mean_shape_68())
     low, high = shape.min(axis=0), shape.max(axis=0)
     half_width = (high[0] - low[0]) / 2.0
     xy = (shape - (low + high) / 2.0) / half_width
@@ -194,17 +195,17 @@ def _shape(v: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
     nose[4:9, 0] = centre_x + (nose[4:9, 0] - centre_x) * (1.0 + 0.3 * d("nose_width"))
     nose[[4, 8], 0] += np.array([-1.0, 1.0]) * 0.04 * d("nostril_flare")
     nose[[4, 8], 1] -= 0.02 * d("nostril_flare")
-    nose[[3, 6], 1] -= np.array([0.05, 0.03]) * d("nose_tip_lift")
+    nose[[3, 6], 1] -= np.array([0.08, 0.05]) * d("nose_tip_lift")
     nose[:, 0] += 0.05 * d("nose_shift")
     # mouth
     mouth[:, 1] += 0.07 * d("mouth_height")
     _scale_about(mouth, 1.0 + 0.2 * d("mouth_width"), 1.0)
-    mouth[[0, 6, 12, 16], 1] -= 0.03 * d("mouth_corner_height")
+    mouth[[0, 6, 12, 16], 1] -= 0.05 * d("mouth_corner_height")
     _rotate_about(mouth, math.radians(8.0) * d("mouth_tilt"))
-    mouth[1:6, 1] -= 0.035 * d("upper_lip_thickness")
-    mouth[7:12, 1] += 0.035 * d("lower_lip_thickness")
-    mouth[[2, 4], 1] -= 0.02 * d("cupid_bow")
-    mouth[3, 1] += 0.01 * d("cupid_bow")
+    mouth[1:6, 1] -= 0.05 * d("upper_lip_thickness")
+    mouth[7:12, 1] += 0.05 * d("lower_lip_thickness")
+    mouth[[2, 4], 1] -= 0.04 * d("cupid_bow")
+    mouth[3, 1] += 0.02 * d("cupid_bow")
 
     # 2. expression: action units
     for eye, amount in ((eye_r, a("eye_close_right")), (eye_l, a("eye_close_left"))):
@@ -268,7 +269,7 @@ def _shape(v: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         "ear_out": 0.10 + 0.08 * d("ear_protrusion"),
         "brow_thickness": 1.0 + 0.45 * d("brow_thickness"),
         "bridge_width": 0.07 * (1.0 + 0.5 * d("nose_bridge_width")),
-        "iris": 0.24 * (1.0 + 0.25 * d("iris_size")),
+        "iris": 0.24 * (1.0 + 0.4 * d("iris_size")),
         "hair_volume": float(v["hair_volume"]),
     }
     return p, extra
@@ -279,11 +280,11 @@ def _shape(v: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
 
 def _colours(v: Mapping[str, Any]) -> dict[str, np.ndarray]:
     tone, warmth = float(v["skin_tone"]), float(v["skin_warmth"]) - 0.5
-    skin = _lerp([238, 205, 180], [92, 60, 44], tone) + np.array([14, 4, -14]) * warmth
+    skin = _lerp([238, 205, 180], [92, 60, 44], tone) + np.array([36, 8, -30]) * warmth
     lightness, hair_warmth = float(v["hair_lightness"]), float(v["hair_warmth"]) - 0.5
     hair = _lerp([28, 22, 20], [215, 180, 120], lightness) + np.array([50, 5, -30]) * hair_warmth
     lips = skin * 0.78 + np.array([60, -10, -5]) + np.array([60, -25, -10]) * (float(v["lip_redness"]) - 0.5)
-    iris = _lerp([70, 45, 28], [95, 140, 165], float(v["iris_lightness"]))
+    iris = _lerp([55, 35, 20], [110, 165, 195], float(v["iris_lightness"]))
     r, g, b = colorsys.hls_to_rgb(float(v["background_hue"]), 0.15 + 0.7 * float(v["background_lightness"]), 0.35)
     background = np.array([r, g, b]) * 255.0
     return {name: np.clip(colour, 0, 255) for name, colour in {

@@ -1,0 +1,99 @@
+"""The render job: sampled or given rig parameters to Parquet."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from facecore.images import decode_png
+from facecore.rig import HELEN_CLASSES, default_schema
+from jobs.manifest import sampled_render_rows
+from jobs.pipeline import run
+from jobs.spec import RenderOptions, SpecError, parse_spec
+from jobs.stages import RenderStage
+
+
+def _spec(output, **options) -> dict:
+    return {"kind": "render", "output": {"path": str(output)},
+            "options": {"count": 24, "size": 64, "seed": 5, **options},
+            "resources": {"concurrency": 2, "rows_per_block": 8}}
+
+
+def test_sampling_depends_on_seed_and_index_only():
+    stage = RenderStage(RenderOptions(count=10, size=64, seed=3))
+    rows = sampled_render_rows(10, 3)
+    whole = stage(rows).to_pylist()
+    alone = stage(rows.slice(7, 1)).to_pylist()
+    assert alone[0]["params"] == whole[7]["params"] and alone[0]["image"] == whole[7]["image"]
+    other_seed = RenderStage(RenderOptions(count=10, size=64, seed=4))(sampled_render_rows(10, 4)).to_pylist()
+    assert other_seed[7]["params"] != whole[7]["params"]
+
+
+def test_fixed_parameters_are_held():
+    schema = default_schema()
+    stage = RenderStage(RenderOptions(count=20, size=64, seed=1, fixed={"yaw": 0.5, "hair_style": "bald"}))
+    rows = stage(sampled_render_rows(20, 1)).to_pylist()
+    for row in rows:
+        values = schema.decode(np.array(row["params"]))
+        assert values["yaw"] == 0.5 and values["hair_style"] == "bald"
+    assert len({tuple(r["params"]) for r in rows}) == 20
+
+
+@pytest.mark.ray
+def test_render_job_writes_images_masks_landmarks(ray_cluster, tmp_path):
+    summary = run(parse_spec(_spec(tmp_path / "out")), progress=False)
+    assert summary.output_rows == 24 and summary.ok_rows == 24
+    frame = pd.read_parquet(tmp_path / "out")
+    assert sorted(frame.key) == [f"s5-{i:09d}" for i in range(24)]
+    schema = default_schema()
+    metadata = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata
+    assert json.loads(metadata[b"facejobs.params"]) == list(schema.vector_names)
+    assert json.loads(metadata[b"facejobs.mask_classes"]) == list(HELEN_CLASSES)
+    row = frame.iloc[0]
+    image, mask = decode_png(row["image"]), decode_png(row["mask"])
+    assert image.shape == (64, 64, 3) and mask.shape == (64, 64) and mask.max() < len(HELEN_CLASSES)
+    assert len(row.params) == schema.vector_size and len(row.landmarks) == 136
+
+    again = run(parse_spec(_spec(tmp_path / "again")), progress=False)  # same seed: same pixels
+    assert again.ok_rows == 24
+    second = pd.read_parquet(tmp_path / "again").set_index("key").loc[frame.key]
+    assert (second.image.values == frame.image.values).all()
+
+
+@pytest.mark.ray
+def test_render_job_from_a_parameter_manifest(ray_cluster, tmp_path):
+    (tmp_path / "params.csv").write_text(
+        "key,yaw,smile,hair_style\n"
+        "frontal,0.5,0.0,short\n"
+        "smiling,0.5,1.0,long\n"
+        "broken,0.5,3.0,short\n"
+        "mohawk,0.5,0.0,mohawk\n"
+    )
+    spec = parse_spec({"kind": "render", "input": {"manifest": str(tmp_path / "params.csv")},
+                       "output": {"path": str(tmp_path / "out")}, "options": {"size": 64}})
+    summary = run(spec, progress=False)
+    assert summary.status_counts == {"ok": 2, "bad_params": 2}
+    frame = pd.read_parquet(tmp_path / "out").set_index("key")
+    assert "outside [0, 1]" in frame.loc["broken", "error"]
+    assert "'mohawk' is not one of" in frame.loc["mohawk", "error"]
+    schema = default_schema()
+    smiling = schema.decode(np.array(frame.loc["smiling", "params"]))
+    assert smiling["smile"] == 1.0 and smiling["hair_style"] == "long" and smiling["face_width"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fixed": {"nose_size": 0.5}}, r"options\.fixed: unknown parameters \['nose_size'\]"),
+        ({"fixed": {"yaw": 2.0}}, r"options\.fixed: yaw: 2\.0 is outside"),
+        ({"size": 4}, r"options\.size: .*greater than or equal to 16"),
+        ({"rig": "/nonexistent/rig.yaml"}, r"options\.rig: cannot read rig schema"),
+    ],
+)
+def test_render_spec_errors(tmp_path, options, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(_spec(tmp_path, **options))

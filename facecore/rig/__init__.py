@@ -1,7 +1,7 @@
 """The avatar rig: parameter schema and procedural renderer (the stand-in game client)."""
 
 from facecore.rig.classes import HELEN_CLASSES, colourise
-from facecore.rig.render import REGIONS, Renderer, RigRender
+from facecore.rig.render import REGIONS, Renderer, RigRender, reference_face
 from facecore.rig.schema import (
     ContinuousParam,
     RigSchema,
@@ -24,5 +24,6 @@ __all__ = [
     "colourise",
     "default_schema",
     "load_schema",
+    "reference_face",
     "schema_from_dict",
 ]

@@ -24,6 +24,7 @@ import numpy as np
 
 from facecore.face.dlib_models import mean_shape_68
 from facecore.face.landmarks import symmetrised
+from facecore.face.reference import ReferenceFace
 from facecore.rig.classes import CLASS_INDEX as C
 from facecore.rig.schema import RigSchema, SchemaError, default_schema
 
@@ -142,6 +143,16 @@ class Renderer:
         else:
             v = self.schema.complete(values)
         return _draw(v, size)
+
+
+def reference_face(size: int = 256) -> ReferenceFace:
+    """The rig's reference face (every parameter neutral) as an alignment reference.
+
+    Its landmarks equal :func:`facecore.face.mean_face_reference` at the same size,
+    and it carries the rendered neutral avatar as its image.
+    """
+    render = Renderer().render({}, size)
+    return ReferenceFace(size=size, landmarks=render.landmarks.astype(np.float64), image=render.image)
 
 
 # -- geometry -------------------------------------------------------------------

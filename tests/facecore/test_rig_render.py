@@ -8,7 +8,7 @@ import pytest
 
 from facecore.face import FaceDetector, mean_face_reference
 from facecore.face.landmarks import MIRROR, eye_centres
-from facecore.rig import HELEN_CLASSES, REGIONS, Renderer, default_schema
+from facecore.rig import HELEN_CLASSES, REGIONS, Renderer, default_schema, reference_face
 from facecore.rig.classes import CLASS_INDEX
 
 SIZE = 128
@@ -52,6 +52,9 @@ def test_outputs_have_the_promised_form(renderer):
 
 def test_reference_face_sits_on_the_alignment_reference(neutral):
     assert np.allclose(neutral.landmarks, mean_face_reference(SIZE).landmarks, atol=1e-3)
+    reference = reference_face(SIZE)
+    assert np.array_equal(reference.image, neutral.image)
+    assert np.allclose(reference.landmarks, mean_face_reference(SIZE).landmarks, atol=1e-3)
 
 
 def test_reference_face_is_symmetric(neutral):

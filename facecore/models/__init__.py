@@ -1,0 +1,1 @@
+"""Model families, one per file. Constructor arguments are a frozen config dataclass."""

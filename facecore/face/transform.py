@@ -141,3 +141,37 @@ def check_matrix(matrix: np.ndarray) -> np.ndarray:
     if matrix.shape != (2, 3):
         raise ValueError(f"expected a (2, 3) affine matrix, got shape {matrix.shape}")
     return matrix
+
+
+def dlib_chip_matrix(landmarks: np.ndarray, size: int = 150, padding: float = 0.25) -> np.ndarray:
+    """(2, 3) source → chip matrix of dlib's face chip for these landmarks.
+
+    The chip geometry is the one ``dlib.get_face_chip(image, shape, size, padding)``
+    and dlib's face-recognition model use: dlib places the chip rectangle from the
+    5 or 68 landmarks; its rotated corners map to the chip's corners.
+
+    Args:
+        landmarks: (68, 2) or (5, 2) points in dlib's order for that count.
+        size: chip side in pixels.
+        padding: border around the face, as a fraction of its size.
+    """
+    import dlib
+
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape not in ((68, 2), (5, 2)):
+        raise ValueError(f"expected (68, 2) or (5, 2) landmarks, got {points.shape}")
+    left, top = points.min(axis=0)
+    right, bottom = points.max(axis=0)
+    shape = dlib.full_object_detection(
+        dlib.rectangle(int(left), int(top), int(right), int(bottom)),
+        [dlib.point(int(round(x)), int(round(y))) for x, y in points],
+    )
+    details = dlib.get_face_chip_details(shape, size, padding)
+    rect, angle = details.rect, details.angle
+    centre = np.array([(rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0])
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotation = np.array([[cos, -sin], [sin, cos]])
+    corners = np.array([[rect.left(), rect.top()], [rect.right(), rect.top()], [rect.right(), rect.bottom()]])
+    rotated = (corners - centre) @ rotation.T + centre
+    targets = np.array([[0.0, 0.0], [details.cols - 1.0, 0.0], [details.cols - 1.0, details.rows - 1.0]])
+    return affine_matrix(rotated, targets)

@@ -169,3 +169,51 @@ class DlibResNet(nn.Module):
                 raise DlibFormatError(f"fc weights {weight.shape} do not fit {tuple(model.embedding.weight.T.shape)}")
             model.embedding.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
         return model.eval()
+
+
+class IdentityScorer:
+    """Embeds faces with :class:`DlibResNet` on dlib's chip geometry; scores pairs.
+
+    Works on images in any frame (photos, aligned crops, renders) given their 68
+    landmarks: chips are cut with a differentiable warp, so the same path scores
+    generated images and trains through them.
+    """
+
+    def __init__(self, model: DlibResNet | None = None, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = (model or DlibResNet.from_dat()).to(self.device).eval()
+
+    def chips(self, images: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
+        """(B, 3, H, W) float RGB 0-255 and (B, 68, 2) landmarks → (B, 3, 150, 150) chips."""
+        from facecore.face.transform import dlib_chip_matrix
+        from facecore.face.warp_torch import warp_affine
+
+        size = self.model.config.input_size
+        matrices = torch.from_numpy(np.stack([dlib_chip_matrix(points, size) for points in landmarks]))
+        return warp_affine(images, matrices.to(images.device), size)
+
+    def embed(self, images: torch.Tensor, landmarks: np.ndarray) -> torch.Tensor:
+        """(B, 128) descriptors of the faces at ``landmarks`` (differentiable in ``images``)."""
+        return self.model(self.chips(images.to(self.device), landmarks))
+
+    @torch.inference_mode()
+    def id_similarity(self, images_a: list[np.ndarray], landmarks_a: list[np.ndarray],
+                      images_b: list[np.ndarray], landmarks_b: list[np.ndarray]) -> np.ndarray:
+        """Cosine similarity of pairs of faces: the ``id_similarity`` output column.
+
+        Args:
+            images_a, images_b: (H, W, 3) uint8 RGB images (sizes may differ per image).
+            landmarks_a, landmarks_b: (68, 2) landmarks in those images.
+
+        Returns:
+            (N,) float32 in [-1, 1]; same-person pairs score high (see bench/identity.py).
+        """
+        if not (len(images_a) == len(landmarks_a) == len(images_b) == len(landmarks_b)):
+            raise ValueError("id_similarity needs as many images as landmark sets on each side")
+        embeddings = []
+        for images, landmarks in ((images_a, landmarks_a), (images_b, landmarks_b)):
+            chips = [self.chips(torch.from_numpy(image).permute(2, 0, 1)[None].float().to(self.device),
+                                np.asarray(points)[None]) for image, points in zip(images, landmarks)]
+            embeddings.append(self.model(torch.cat(chips)) if chips else torch.zeros(0, 128))
+        similarity = F.cosine_similarity(embeddings[0], embeddings[1], dim=1)
+        return similarity.float().cpu().numpy()

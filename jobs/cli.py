@@ -2,6 +2,7 @@
 
     facejobs run SPEC.yaml [--address ADDR]   run a job (local Ray by default)
     facejobs validate SPEC.yaml               check a spec and its manifest
+    facejobs train SPEC.yaml                  train a model with Ray Train
     facejobs demo [--output DIR]              an align job over sample photos
     facejobs rig-sheet [--out PNG]            random avatar renders beside their masks
 """
@@ -41,12 +42,16 @@ def format_summary(summary: RunSummary) -> str:
 
 def _load(path: str) -> JobSpec:
     spec = load_spec(path)
-    input_rows(spec)  # fails fast, naming input.manifest
+    if spec.kind != "train":
+        input_rows(spec)  # fails fast, naming input.manifest
     return spec
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
+    if spec.kind == "train":
+        print(f"{args.spec}: valid train job for the {spec.model} -> {spec.output.path}")
+        return 0
     rows = input_rows(spec)
     print(f"{args.spec}: valid {spec.kind} job, {rows.num_rows} input rows -> {spec.output.path}")
     return 0
@@ -56,8 +61,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jobs.pipeline import run
 
     spec = _load(args.spec)
+    if spec.kind == "train":
+        raise SpecError(f"{args.spec}: kind: train specs run with `facejobs train`")
     summary = run(spec, address=args.address, progress=not args.no_progress)
     print(format_summary(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jobs.spec import TrainJob
+    from jobs.train import train
+
+    spec = load_spec(args.spec)
+    if not isinstance(spec, TrainJob):
+        raise SpecError(f"{args.spec}: kind: `facejobs train` takes kind: train, got {spec.kind!r}")
+    result = train(spec, address=args.address)
+    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in result["metrics"].items())
+    print(f"trained {spec.model}: {metrics}\nmodel -> {result['model']}")
     return 0
 
 
@@ -98,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Ray cluster address (default: start a local Ray)")
     run_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run_parser.set_defaults(handler=cmd_run)
+
+    train_parser = commands.add_parser("train", help="train a model (kind: train spec) with Ray Train")
+    train_parser.add_argument("spec")
+    train_parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    train_parser.set_defaults(handler=cmd_train)
 
     validate_parser = commands.add_parser("validate", help="check a spec and its manifest")
     validate_parser.add_argument("spec")

@@ -185,7 +185,7 @@ def input_rows(spec: JobSpec) -> pa.Table:
         if spec.input is not None:
             return read_param_manifest(spec.input.manifest, rig_schema(spec), spec.storage)
         return sampled_render_rows(spec.options.count, spec.options.seed)
-    raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
+    raise NotImplementedError(f"kind {spec.kind!r} has no input rows")
 
 
 def rig_schema(spec: RenderJob):

@@ -170,8 +170,45 @@ class RenderJob(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
 
 
-JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob}
-JobSpec = Union[AlignJob, RenderJob]
+class TrainData(_Strict):
+    renders: str  # a render job's output folder: (params, image, mask) rows
+    validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
+
+    @field_validator("renders")
+    @classmethod
+    def _renders_uri(cls, value: str) -> str:
+        return _check_uri(value, "renders")
+
+
+class TrainOptions(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)  # per worker
+    learning_rate: float = Field(1e-3, gt=0)
+    image_size: int = Field(64, ge=16, le=512)  # renders are resized to this
+    base_channels: int = Field(32, ge=4)
+    seed: int = 0
+
+
+class TrainResources(_Strict):
+    num_workers: int = Field(2, ge=1)  # data-parallel workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)  # None: fit the cluster, leaving CPU for data reads
+
+
+class TrainJob(_Strict):
+    """Train a model with Ray Train; checkpoints and the final model go to output.path."""
+
+    kind: Literal["train"]
+    model: Literal["imitator", "parser"]
+    data: TrainData
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    options: TrainOptions = TrainOptions()
+    resources: TrainResources = TrainResources()
+
+
+JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob, "train": TrainJob}
+JobSpec = Union[AlignJob, RenderJob, TrainJob]
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:

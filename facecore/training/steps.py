@@ -1,0 +1,79 @@
+"""Training steps for the imitator and the face parser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = 255  # mask value of pixels whose class is unknown (real photos)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Loss weights shared by the steps.
+
+    Attributes:
+        grad_clip: clip the gradient norm at this value (0 = off).
+    """
+
+    grad_clip: float = 5.0
+
+
+def _optimise(model: nn.Module, optimiser: torch.optim.Optimizer, loss: torch.Tensor, cfg: StepConfig) -> None:
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimiser.step()
+
+
+def imitator_step(models: Mapping[str, nn.Module], opts: Mapping[str, torch.optim.Optimizer],
+                  batch: Mapping[str, torch.Tensor], cfg: StepConfig = StepConfig()) -> dict[str, float]:
+    """One update of ``g`` with SPEC.md §4's L1 loss ``||g(x) - render(x)||_1``.
+
+    Batch: ``params`` (B, D) in [0, 1], ``image`` (B, 3, S, S) in [0, 1].
+    """
+    imitator = models["imitator"]
+    imitator.train()
+    loss = F.l1_loss(imitator(batch["params"]), batch["image"])
+    _optimise(imitator, opts["imitator"], loss, cfg)
+    return {"l1": float(loss.detach())}
+
+
+def parser_step(models: Mapping[str, nn.Module], opts: Mapping[str, torch.optim.Optimizer],
+                batch: Mapping[str, torch.Tensor], cfg: StepConfig = StepConfig()) -> dict[str, float]:
+    """One update of ``f`` with per-pixel cross-entropy; mask value 255 is ignored.
+
+    Batch: ``image`` (B, 3, S, S) in [0, 1], ``mask`` (B, S, S) int64 class indices.
+    """
+    parser = models["parser"]
+    parser.train()
+    loss = F.cross_entropy(parser(batch["image"]), batch["mask"], ignore_index=IGNORE)
+    _optimise(parser, opts["parser"], loss, cfg)
+    return {"cross_entropy": float(loss.detach())}
+
+
+@torch.no_grad()
+def imitator_eval(imitator: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    imitator.eval()
+    return {"l1": float(F.l1_loss(imitator(batch["params"]), batch["image"]))}
+
+
+@torch.no_grad()
+def parser_eval(parser: nn.Module, batch: Mapping[str, torch.Tensor], num_classes: int) -> dict[str, float]:
+    """Mean IoU over classes present in the batch, ignoring pixels marked 255."""
+    parser.eval()
+    predicted = parser(batch["image"]).argmax(dim=1)
+    mask = batch["mask"]
+    known = mask != IGNORE
+    ious = []
+    for cls in range(num_classes):
+        truth, guess = (mask == cls) & known, (predicted == cls) & known
+        union = (truth | guess).sum()
+        if truth.any():
+            ious.append(float((truth & guess).sum()) / float(union))
+    return {"miou": sum(ious) / max(len(ious), 1)}

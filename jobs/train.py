@@ -1,0 +1,196 @@
+"""Ray Train loops around facecore's pure training steps.
+
+``train(spec)`` reads a render job's output as a Ray Dataset, splits off a
+validation set by key hash, and runs a ``TorchTrainer`` (DDP over
+``resources.num_workers``). Every epoch rank 0 reports a checkpoint (the model as
+config.json + model.safetensors, the optimiser state, the epoch); a second run
+over the same output resumes from the newest one. The finished model is written
+to ``<output>/model/``, the folder job specs point at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import zlib
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import torch
+
+from facecore import weights
+from facecore.models.imitator import Imitator, ImitatorConfig
+from facecore.models.parsing import FaceParser, ParsingConfig
+from facecore.training.steps import imitator_eval, imitator_step, parser_eval, parser_step
+from jobs.output import PART_PREFIX, PART_SUFFIX
+from jobs.spec import TrainJob
+from jobs.storage import locate
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+RUNS_DIR = "runs"
+
+
+def _model_for(spec: TrainJob, param_dim: int) -> torch.nn.Module:
+    if spec.model == "imitator":
+        return Imitator(ImitatorConfig(param_dim=param_dim, image_size=spec.options.image_size,
+                                       base_channels=spec.options.base_channels))
+    return FaceParser(ParsingConfig(base_channels=max(8, spec.options.base_channels // 2)))
+
+
+def _to_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Decode a batch of render rows (PNG bytes) into model tensors at ``size``."""
+    images, masks = [], []
+    for data in raw["image"]:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        if image.shape[0] != size:
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        images.append(image)
+    for data in raw["mask"]:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if mask.shape[0] != size:
+            mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+        masks.append(mask)
+    return {
+        "params": torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in raw["params"]])).to(device),
+        "image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(device),
+        "mask": torch.from_numpy(np.stack(masks).astype(np.int64)).to(device),
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Shard the data, run the steps, report metrics and checkpoints. Nothing else."""
+    import ray.train
+    import ray.train.torch
+
+    spec = TrainJob.model_validate(config["spec"])
+    torch.manual_seed(spec.options.seed)
+    device = ray.train.torch.get_device()
+    model = _model_for(spec, config["param_dim"]).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=spec.options.learning_rate)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            restored = weights.load_model(type(model), os.path.join(folder, MODEL_DIR), device=device)
+            model.load_state_dict(restored.state_dict())
+            optimiser.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location=device,
+                                                 weights_only=True))
+            start_epoch = json.loads(open(os.path.join(folder, "state.json")).read())["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    plain = model.module if hasattr(model, "module") else model
+    step, name = (imitator_step, "imitator") if spec.model == "imitator" else (parser_step, "parser")
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    size = spec.options.image_size
+    for epoch in range(start_epoch, spec.options.epochs):
+        losses = []
+        for raw in train_shard.iter_batches(batch_size=spec.options.batch_size, batch_format="numpy"):
+            metrics = step({name: model}, {name: optimiser}, _to_tensors(raw, size, device))
+            losses.append(next(iter(metrics.values())))
+        scores = []
+        for raw in validation_shard.iter_batches(batch_size=64, batch_format="numpy"):
+            batch = _to_tensors(raw, size, device)
+            scores.append(imitator_eval(plain, batch)["l1"] if spec.model == "imitator"
+                          else parser_eval(plain, batch, plain.config.num_classes)["miou"])
+        report = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  "validation": float(np.mean(scores)) if scores else float("nan")}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:
+                weights.save_model(plain, os.path.join(folder, MODEL_DIR), extra=report)
+                torch.save(optimiser.state_dict(), os.path.join(folder, "optimizer.pt"))
+                with open(os.path.join(folder, "state.json"), "w") as handle:
+                    json.dump(report, handle)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(report, checkpoint=checkpoint)
+
+
+def _render_parts(spec: TrainJob) -> list[str]:
+    location = locate(spec.data.renders, spec.storage)
+    names = [posixpath.basename(p) for p in location.fs.ls(location.path, detail=False)]
+    parts = sorted(location.join(n).uri for n in names if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX))
+    if not parts:
+        raise FileNotFoundError(f"data.renders: no {PART_PREFIX}*{PART_SUFFIX} files in {spec.data.renders}")
+    return parts
+
+
+def _latest_checkpoint(storage: str, name: str, filesystem: pafs.FileSystem):
+    import ray.train
+
+    folder = posixpath.join(storage, name)
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return None
+    complete = sorted(e.path for e in entries if e.type == pafs.FileType.Directory
+                      and posixpath.basename(e.path).startswith("checkpoint_")
+                      and filesystem.get_file_info(posixpath.join(e.path, MODEL_DIR, weights.CONFIG)).type
+                      == pafs.FileType.File)
+    return ray.train.Checkpoint(complete[-1], filesystem=filesystem) if complete else None
+
+
+def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
+    """Run a training job; return the last epoch's metrics and where the model is."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from facecore.rig import default_schema
+    from jobs.pipeline import init_ray
+
+    if not ray.is_initialized():
+        init_ray(address)
+    parts = _render_parts(spec)
+    location = locate(spec.data.renders, spec.storage)
+    # Reading is I/O: small CPU claims, so that the training workers, which hold
+    # most of the CPUs, never starve the tasks that feed them.
+    io = {"num_cpus": 0.25}
+    dataset = ray.data.read_parquet([location.fs._strip_protocol(p) if location.scheme else p for p in parts],
+                                    filesystem=location.arrow_fs, columns=["key", "status", "params", "image", "mask"],
+                                    ray_remote_args=io)
+    dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
+    threshold = int(spec.data.validation_fraction * 1000)
+    holdout = lambda row: zlib.crc32(row["key"].encode()) % 1000 < threshold  # noqa: E731
+    # Materialised before the workers start: with the workers holding the CPUs,
+    # Ray Data's streaming read inside Ray Train was left no resources and hung
+    # here. The encoded renders are small (a few KB each at 64 px).
+    train_rows = dataset.filter(lambda row: not holdout(row), **io).materialize()
+    validation_rows = dataset.filter(holdout, **io).materialize()
+    output = locate(spec.output.path, spec.storage)
+    output.fs.makedirs(output.path, exist_ok=True)
+    storage_path = posixpath.join(output.path, RUNS_DIR)
+    output.arrow_fs.create_dir(storage_path, recursive=True)
+    name = f"train-{spec.model}"
+    cpus = spec.resources.cpus_per_worker
+    if cpus is None:
+        # Workers that claim every CPU starve the Ray Data tasks that feed them.
+        total = ray.cluster_resources().get("CPU", 1.0)
+        cpus = max(0.1, min(1.0, (total - 0.5) / spec.resources.num_workers))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
+        # complete checkpoint of an earlier run itself.
+        train_loop_config={"spec": spec.model_dump(), "param_dim": default_schema().vector_size,
+                           "resume_from": _latest_checkpoint(storage_path, name, output.arrow_fs)},
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=output.arrow_fs),
+        datasets={"train": train_rows, "validation": validation_rows},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        model = weights.load_model(Imitator if spec.model == "imitator" else FaceParser,
+                                   os.path.join(folder, MODEL_DIR))
+    destination = output.join(MODEL_DIR).uri
+    weights.save_model(model, destination, extra=dict(result.metrics or {}))
+    return {"metrics": dict(result.metrics or {}), "model": destination}

@@ -21,7 +21,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pyarrow.fs as pafs
-import ray
 import torch
 
 from facecore import weights

@@ -1,0 +1,1 @@
+"""The four inference procedures, batch-first tensors in and out."""

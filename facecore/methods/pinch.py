@@ -1,0 +1,172 @@
+"""Pinch (捏脸): photo → game-face parameters by optimisation (SPEC.md §4).
+
+``min_x ||f(g(x)) - f(I)||_1  s.t. x in [0, 1]`` for a whole batch at once: every
+image has its own x, its own optimiser state and its own stop. Continuous
+parameters start at the reference face and are projected back into [0, 1] after
+each step; each discrete style group is a relaxed one-hot (a softmax over
+learnable logits) during the search and snapped to its argmax at the end.
+
+Nothing couples the images of a batch (per-image loss sums, element-wise Adam,
+the models in eval mode), so an image's result does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from facecore.rig.schema import RigSchema
+
+
+@dataclass(frozen=True)
+class PinchConfig:
+    """The optimiser and its stopping rule.
+
+    Attributes:
+        max_iterations: hard cap per image.
+        learning_rate: Adam step size on the parameters and the style logits.
+        patience: stop an image after this many steps without a relative
+            improvement of at least ``min_improvement`` over its best loss.
+        min_improvement: relative improvement that resets the patience counter.
+        target_loss: stop an image once its loss is at or below this.
+        temperature: softmax temperature of the relaxed one-hot groups.
+        initial_logit: logit of each group's default choice at the start (others 0).
+    """
+
+    max_iterations: int = 100
+    learning_rate: float = 0.03
+    patience: int = 12
+    min_improvement: float = 2e-3
+    target_loss: float = 0.0
+    temperature: float = 0.5
+    initial_logit: float = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class PinchResult:
+    """Per-image outcome. Arrays are indexed like the input batch.
+
+    Attributes:
+        params: (B, D) float32 flat rig vectors, one-hots snapped.
+        values: named parameters per image (``RigSchema.decode``).
+        loss_start: (B,) loss at the reference face.
+        loss_end: (B,) loss of the snapped result.
+        iterations: (B,) steps taken.
+    """
+
+    params: np.ndarray
+    values: list[dict]
+    loss_start: np.ndarray
+    loss_end: np.ndarray
+    iterations: np.ndarray
+
+
+def feature_loss(features_a: list[torch.Tensor], features_b: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image L1 distance between two feature pyramids, averaged over levels: (B,)."""
+    if len(features_a) != len(features_b):
+        raise ValueError(f"feature pyramids differ in depth: {len(features_a)} vs {len(features_b)}")
+    per_level = [(a - b).abs().flatten(1).mean(dim=1) for a, b in zip(features_a, features_b)]
+    return torch.stack(per_level, dim=0).mean(dim=0)
+
+
+class _Parameters(nn.Module):
+    """The optimised variables: continuous values and per-group style logits."""
+
+    def __init__(self, schema: RigSchema, batch: int, config: PinchConfig, device: torch.device) -> None:
+        super().__init__()
+        reference = torch.from_numpy(schema.reference_vector()).to(device)
+        self.schema = schema
+        self.temperature = config.temperature
+        self.continuous = nn.Parameter(reference[: schema.continuous_size].repeat(batch, 1).clone())
+        self.logits = nn.ParameterList()
+        for group in schema.discrete:
+            start = torch.zeros(batch, group.size, device=device)
+            start[:, group.choices.index(group.default)] = config.initial_logit
+            self.logits.append(nn.Parameter(start))
+
+    def vector(self, snapped: bool = False) -> torch.Tensor:
+        blocks = [self.continuous]
+        for logits in self.logits:
+            if snapped:
+                blocks.append(nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype))
+            else:
+                blocks.append(torch.softmax(logits / self.temperature, dim=1))
+        return torch.cat(blocks, dim=1)
+
+
+def pinch(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema: RigSchema,
+          config: PinchConfig = PinchConfig()) -> PinchResult:
+    """Find rig parameters whose imitated render has the targets' parsing features.
+
+    Args:
+        imitator: ``g``, (B, D) → (B, 3, S, S) in [0, 1].
+        parser: ``f`` with a ``features(images) -> list[Tensor]`` method.
+        targets: (B, 3, S, S) photos in [0, 1], aligned to the rig's reference face.
+        schema: the rig (layout of the flat vector).
+        config: optimiser and stopping rule.
+    """
+    if targets.ndim != 4 or targets.shape[1] != 3:
+        raise ValueError(f"expected targets of shape (B, 3, S, S), got {tuple(targets.shape)}")
+    imitator.eval()
+    parser.eval()
+    # Gradients are for x only; the models' own flags are restored afterwards.
+    weights = [w for module in (imitator, parser) for w in module.parameters()]
+    flags = [w.requires_grad for w in weights]
+    for weight in weights:
+        weight.requires_grad_(False)
+    try:
+        return _optimise(imitator, parser, targets, schema, config)
+    finally:
+        for weight, flag in zip(weights, flags):
+            weight.requires_grad_(flag)
+
+
+def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema: RigSchema,
+              config: PinchConfig) -> PinchResult:
+    device = targets.device
+    batch = targets.shape[0]
+    with torch.no_grad():
+        target_features = [t.detach() for t in parser.features(targets)]
+    variables = _Parameters(schema, batch, config, device)
+    optimiser = torch.optim.Adam(variables.parameters(), lr=config.learning_rate)
+
+    def loss_of(vector: torch.Tensor) -> torch.Tensor:
+        return feature_loss(parser.features(imitator(vector)), target_features)
+
+    with torch.no_grad():
+        loss_start = loss_of(variables.vector(snapped=True))
+    best = loss_start.clone()
+    stale = torch.zeros(batch, dtype=torch.long, device=device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    active = loss_start > config.target_loss
+    for _ in range(config.max_iterations):
+        if not bool(active.any()):
+            break
+        frozen = [p.detach().clone() for p in variables.parameters()]
+        optimiser.zero_grad(set_to_none=True)
+        losses = loss_of(variables.vector())
+        losses.sum().backward()  # a sum, so each image's gradient is its own
+        optimiser.step()
+        with torch.no_grad():
+            variables.continuous.clamp_(0.0, 1.0)  # the projection onto [0, 1]
+            for parameter, before in zip(variables.parameters(), frozen):
+                parameter[~active] = before[~active]  # finished images stay put
+            iterations += active.long()
+            improved = losses < best * (1.0 - config.min_improvement)
+            best = torch.where(improved & active, losses.detach(), best)
+            stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
+            active &= (stale < config.patience) & (losses.detach() > config.target_loss)
+    with torch.no_grad():
+        final = variables.vector(snapped=True)
+        loss_end = loss_of(final)
+    params = final.detach().cpu().numpy().astype(np.float32)
+    return PinchResult(
+        params=params,
+        values=[schema.decode(row) for row in params],
+        loss_start=loss_start.cpu().numpy(),
+        loss_end=loss_end.cpu().numpy(),
+        iterations=iterations.cpu().numpy(),
+    )

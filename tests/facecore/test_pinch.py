@@ -1,0 +1,73 @@
+"""The batched pinch optimiser, on small untrained models (its mechanics, not its quality)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facecore.methods.pinch import PinchConfig, feature_loss, pinch
+from facecore.models.imitator import Imitator, ImitatorConfig
+from facecore.models.parsing import FaceParser, ParsingConfig
+from facecore.rig import Renderer, default_schema
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    schema = default_schema()
+    imitator = Imitator(ImitatorConfig(param_dim=schema.vector_size, image_size=32, base_channels=8)).eval()
+    parser = FaceParser(ParsingConfig(base_channels=8, stages=3)).eval()
+    return schema, imitator, parser
+
+
+@pytest.fixture(scope="module")
+def targets():
+    schema, renderer = default_schema(), Renderer()
+    samples = schema.sample(np.random.default_rng(4), 4, fixed={"yaw": 0.5, "pitch": 0.5, "roll": 0.5})
+    images = np.stack([renderer.render(v, 32).image for v in samples])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def test_every_image_improves_and_stays_in_range(models, targets):
+    schema, imitator, parser = models
+    result = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=30))
+    assert (result.loss_end < result.loss_start).all(), (result.loss_start, result.loss_end)
+    assert result.params.min() >= 0.0 and result.params.max() <= 1.0
+    assert result.params.shape == (4, schema.vector_size)
+    for group in schema.discrete:
+        block = result.params[:, schema.group_slice(group.name)]
+        assert (block.sum(axis=1) == 1.0).all() and set(np.unique(block)) <= {0.0, 1.0}
+    assert ((result.iterations >= 1) & (result.iterations <= 30)).all()
+    assert {"hair_style", "yaw", "smile"} <= set(result.values[0])
+
+
+def test_result_does_not_depend_on_the_batch(models, targets):
+    schema, imitator, parser = models
+    config = PinchConfig(max_iterations=15)
+    together = pinch(imitator, parser, targets, schema, config)
+    alone = pinch(imitator, parser, targets[2:3], schema, config)
+    assert np.abs(together.params[2] - alone.params[0]).max() < 1e-4
+    assert together.iterations[2] == alone.iterations[0]
+
+
+def test_stopping_rules(models, targets):
+    schema, imitator, parser = models
+    start = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=0))
+    assert (start.iterations == 0).all() and np.allclose(start.loss_start, start.loss_end)
+    assert np.allclose(start.params, schema.reference_vector())
+    reached = pinch(imitator, parser, targets, schema,
+                    PinchConfig(max_iterations=50, target_loss=float(start.loss_start.max()) * 0.999))
+    assert (reached.iterations <= 50).all() and (reached.iterations < 50).any()
+    impatient = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=200, patience=2,
+                                                                     min_improvement=0.5))
+    assert (impatient.iterations <= 3).all()
+
+
+def test_feature_loss_is_per_image():
+    a = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 2, 2)]
+    b = [torch.ones(2, 3, 4, 4), torch.zeros(2, 5, 2, 2)]
+    b[0][1] = 0.0
+    assert torch.allclose(feature_loss(a, b), torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="depth"):
+        feature_loss(a, b[:1])

@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from jobs.spec import AlignJob, JobSpec, RenderJob, StorageSpec
+from jobs.spec import AlignJob, JobSpec, PinchJob, RenderJob, StorageSpec
 from jobs.storage import Location, locate, resolve_relative
 
 
@@ -179,7 +179,7 @@ def sampled_render_rows(count: int, seed: int) -> pa.Table:
 
 def input_rows(spec: JobSpec) -> pa.Table:
     """Every row the job must output, keyed; read or generated on the driver."""
-    if isinstance(spec, AlignJob):
+    if isinstance(spec, (AlignJob, PinchJob)):
         return read_manifest(spec.input.manifest, spec.storage)
     if isinstance(spec, RenderJob):
         if spec.input is not None:

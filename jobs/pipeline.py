@@ -22,8 +22,17 @@ from ray.data import ActorPoolStrategy
 
 from jobs.manifest import input_rows, rig_schema
 from jobs.output import OutputFolder, RunSummary
-from jobs.spec import AlignJob, JobSpec, RenderJob
-from jobs.stages import ALIGN_FIELD_DOCS, RENDER_FIELD_DOCS, AlignStage, CommitStage, FetchStage, RenderStage
+from jobs.spec import AlignJob, JobSpec, PinchJob, RenderJob
+from jobs.stages import (
+    ALIGN_FIELD_DOCS,
+    PINCH_FIELD_DOCS,
+    RENDER_FIELD_DOCS,
+    AlignStage,
+    CommitStage,
+    FetchStage,
+    PinchStage,
+    RenderStage,
+)
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
@@ -63,11 +72,12 @@ def init_ray(address: str | None = None) -> None:
         ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
-def _cpu_actor_cpus(spec: JobSpec) -> float:
+def _cpu_actor_cpus(spec: JobSpec, pools: int = 1) -> float:
+    """CPUs per actor: the spec's, or a share that lets ``pools`` pools fit beside a reserve."""
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, (total - CPU_RESERVE) / spec.resources.concurrency))
+    return max(0.1, min(1.0, (total - CPU_RESERVE) / (spec.resources.concurrency * pools)))
 
 
 def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) -> dict[str, str]:
@@ -139,6 +149,39 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
             compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)),
                                       max_tasks_in_flight_per_actor=2),
             num_cpus=_cpu_actor_cpus(spec),
+        )
+    if isinstance(spec, PinchJob):
+        from facecore.rig import default_schema
+
+        cpu_share = _cpu_actor_cpus(spec, pools=2)
+        aligned = ray.data.from_arrow(blocks).map_batches(
+            Chain,
+            fn_constructor_kwargs={"stages": [
+                (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
+                              "threads": resources.fetch_threads}),
+                (AlignStage, {"options": spec.options}),
+            ]},
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)), max_tasks_in_flight_per_actor=2),
+            num_cpus=cpu_share,
+        )
+        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS,
+                                    **{"facejobs.params": json.dumps(list(default_schema().vector_names))})
+        # The model pool: GPUs when the spec asks (a fraction of a CPU each, so
+        # the CPU pool keeps its cores), the CPU otherwise.
+        return aligned.map_batches(
+            Chain,
+            fn_constructor_kwargs={"stages": [
+                (PinchStage, {"imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser,
+                              "options": spec.options, "storage": spec.storage}),
+                (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
+            ]},
+            batch_size=resources.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=resources.concurrency),
+            num_gpus=resources.num_gpus,
+            num_cpus=min(cpu_share, 0.25) if resources.num_gpus > 0 else cpu_share,
         )
     raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
 

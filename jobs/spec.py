@@ -170,6 +170,41 @@ class RenderJob(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
 
 
+class PinchOptions(AlignOptions):
+    """Align options (68-point affine onto the rig's reference face by default) plus the optimiser."""
+
+    method: Literal["similarity5", "affine68"] = "affine68"  # SPEC.md §4 aligns with 68 points
+    size: int = Field(128, ge=32, le=2048)  # side of the stored aligned crop
+    max_iterations: int = Field(100, ge=0)
+    learning_rate: float = Field(0.03, gt=0)
+    patience: int = Field(12, ge=1)
+    min_improvement: float = Field(2e-3, ge=0)
+    target_loss: float = Field(0.0, ge=0)
+    render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
+
+
+class PinchModels(_Strict):
+    imitator: str  # checkpoint folder (config.json + model.safetensors), any URI
+    parser: str
+
+    @field_validator("imitator", "parser")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        return _check_uri(value, "model")
+
+
+class PinchJob(_Strict):
+    """Photos → rig parameters by pinch optimisation (SPEC.md §4)."""
+
+    kind: Literal["pinch"]
+    input: InputSpec
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    models: PinchModels
+    options: PinchOptions = PinchOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
 class TrainData(_Strict):
     renders: str  # a render job's output folder: (params, image, mask) rows
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
@@ -207,8 +242,9 @@ class TrainJob(_Strict):
     resources: TrainResources = TrainResources()
 
 
-JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob, "train": TrainJob}
-JobSpec = Union[AlignJob, RenderJob, TrainJob]
+JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob, "pinch": PinchJob,
+                                       "train": TrainJob}
+JobSpec = Union[AlignJob, RenderJob, PinchJob, TrainJob]
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:

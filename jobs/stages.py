@@ -20,7 +20,7 @@ import pyarrow as pa
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
-from jobs.spec import AlignOptions, RenderOptions, StorageSpec
+from jobs.spec import AlignOptions, PinchOptions, RenderOptions, StorageSpec
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
@@ -280,3 +280,103 @@ class RenderStage:
                 "size": self.options.size,
             })
         return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)
+
+
+PINCH_FIELD_DOCS = {
+    **ALIGN_FIELD_DOCS,
+    "params": "flat rig vector found by pinch; slot names in facejobs.params",
+    "preview": "PNG of the imitator's rendering of params",
+    "render": "PNG of the rig renderer's rendering of params",
+    "loss_start": "feature L1 at the reference face",
+    "loss_end": "feature L1 at the result",
+    "iterations": "optimiser steps taken",
+}
+
+PINCH_SCHEMA = pa.schema(list(ALIGN_SCHEMA) + [
+    pa.field("params", pa.list_(pa.float32())),
+    pa.field("preview", pa.binary()),
+    pa.field("render", pa.binary()),
+    pa.field("loss_start", pa.float32()),
+    pa.field("loss_end", pa.float32()),
+    pa.field("iterations", pa.int32()),
+])
+
+
+class PinchStage:
+    """Pinch every aligned face of a batch at once; rows that failed upstream pass through.
+
+    Loads the imitator and parser once per actor, on the GPU when the actor has
+    one (``num_gpus`` from the spec) and on the CPU otherwise.
+    """
+
+    def __init__(self, imitator_uri: str, parser_uri: str, options: PinchOptions = None,
+                 storage: StorageSpec | None = None) -> None:
+        import torch
+
+        from facecore import weights
+        from facecore.methods.pinch import PinchConfig
+        from facecore.models.imitator import Imitator
+        from facecore.models.parsing import FaceParser
+        from facecore.rig import Renderer, default_schema
+
+        self.options = options or PinchOptions()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        storage_options = _storage_options(storage)
+        self.imitator = weights.load_model(Imitator, imitator_uri, self.device, storage_options).eval()
+        self.parser = weights.load_model(FaceParser, parser_uri, self.device, storage_options).eval()
+        self.schema = default_schema()
+        if self.imitator.config.param_dim != self.schema.vector_size:
+            raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
+                             f"rig {self.schema.name} has {self.schema.vector_size}")
+        self.renderer = Renderer(self.schema)
+        self.config = PinchConfig(max_iterations=self.options.max_iterations,
+                                  learning_rate=self.options.learning_rate, patience=self.options.patience,
+                                  min_improvement=self.options.min_improvement,
+                                  target_loss=self.options.target_loss)
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        import cv2
+        import torch
+
+        from facecore.images import decode_png
+        from facecore.methods.pinch import pinch
+
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch), schema=ALIGN_SCHEMA)
+        rows = table.to_pylist()
+        ready = [i for i, row in enumerate(rows) if row["status"] == OK]
+        if ready:
+            size = self.imitator.config.image_size
+            crops = []
+            for i in ready:
+                crop = decode_png(rows[i]["aligned"])
+                crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+                             if crop.shape[0] != size else crop)
+            targets = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
+            try:
+                result = pinch(self.imitator, self.parser, targets, self.schema, self.config)
+                with torch.no_grad():
+                    previews = self.imitator(torch.from_numpy(result.params).to(self.device))
+                previews = (previews.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                for j, i in enumerate(ready):
+                    rows[i].update(
+                        params=result.params[j].tolist(),
+                        preview=encode_png(previews[j]),
+                        render=encode_png(self.renderer.render(result.params[j], self.options.render_size).image),
+                        loss_start=float(result.loss_start[j]),
+                        loss_end=float(result.loss_end[j]),
+                        iterations=int(result.iterations[j]),
+                    )
+            except Exception as exc:  # a batch the models cannot take: its rows say so
+                log.warning("pinch failed on a batch of %d: %s", len(ready), exc)
+                for i in ready:
+                    rows[i].update(status="model_error", error=f"{type(exc).__name__}: {exc}")
+        return pa.Table.from_pylist(rows, schema=PINCH_SCHEMA)
+
+
+def _storage_options(storage: StorageSpec | None) -> dict[str, Any]:
+    """fsspec options for model URIs on object storage (credentials stay in the environment)."""
+    if storage is None or (not storage.endpoint_url and not storage.region and not storage.anon):
+        return {}
+    client_kwargs = {k: v for k, v in (("endpoint_url", storage.endpoint_url),
+                                       ("region_name", storage.region)) if v}
+    return {"anon": storage.anon, "client_kwargs": client_kwargs}

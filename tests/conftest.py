@@ -29,11 +29,12 @@ def photos() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session: 2 CPUs, dashboard on loopback."""
+    """One local Ray for the whole session: 2 CPUs, 1 logical GPU, dashboard on loopback."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+        # One logical GPU: GPU scheduling is tested without a GPU (code falls back to CPU).
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -3,6 +3,7 @@
     facejobs run SPEC.yaml [--address ADDR]   run a job (local Ray by default)
     facejobs validate SPEC.yaml               check a spec and its manifest
     facejobs train SPEC.yaml                  train a model with Ray Train
+    facejobs report OUTPUT                    HTML contact sheet of an output folder
     facejobs demo [--output DIR]              an align job over sample photos
     facejobs rig-sheet [--out PNG]            random avatar renders beside their masks
 """
@@ -82,6 +83,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    print(f"report -> {write_report(args.output, limit=args.limit)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -125,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     train_parser.set_defaults(handler=cmd_train)
 
+    report_parser = commands.add_parser("report", help="write an HTML contact sheet into an output folder")
+    report_parser.add_argument("output", help="a job's output folder")
+    report_parser.add_argument("--limit", type=int, default=200, help="rows to show")
+    report_parser.set_defaults(handler=cmd_report)
+
     validate_parser = commands.add_parser("validate", help="check a spec and its manifest")
     validate_parser.add_argument("spec")
     validate_parser.set_defaults(handler=cmd_validate)
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ManifestError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SPEC
-    except OutputError as exc:
+    except (OutputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -166,8 +166,10 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
             compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)), max_tasks_in_flight_per_actor=2),
             num_cpus=cpu_share,
         )
-        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS,
-                                    **{"facejobs.params": json.dumps(list(default_schema().vector_names))})
+        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS, **{
+            "facejobs.params": json.dumps(list(default_schema().vector_names)),
+            "facejobs.rig": json.dumps(default_schema().to_dict()),
+        })
         # The model pool: GPUs when the spec asks (a fraction of a CPU each, so
         # the CPU pool keeps its cores), the CPU otherwise.
         return aligned.map_batches(

@@ -65,3 +65,20 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
 def test_pinch_spec_needs_models(tmp_path):
     with pytest.raises(SpecError, match="models: required field is missing"):
         parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+
+
+def test_report_is_a_self_contained_contact_sheet(ray_cluster, photos, checkpoints, tmp_path):
+    from jobs.cli import main
+
+    write_manifest([str(photos["obama.jpg"]), str(tmp_path / "missing.jpg")], str(tmp_path / "m.parquet"))
+    spec = parse_spec({
+        "kind": "pinch", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": str(tmp_path / "out")},
+        "models": checkpoints, "options": {"max_iterations": 3, "size": 64, "render_size": 64},
+    })
+    run(spec, progress=False)
+    assert main(["report", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<tr>") == 3  # header + two rows
+    assert page.count("data:image/jpeg;base64,") == 4  # photo, aligned, preview, render of the ok row
+    assert "fetch_error" in page and "hair_style=" in page and "loss " in page
+    assert main(["report", str(tmp_path / "nothing")]) == 1

@@ -1,0 +1,109 @@
+"""``facejobs report OUTPUT``: a self-contained HTML contact sheet of a job's output.
+
+One row per output row: the source photo (fetched from its uri when reachable),
+every image column the job wrote (aligned, preview, render, image, mask...), the
+status, and the parameters by name. Images are embedded as data URIs, so the file
+opens in a browser wherever it is copied.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import posixpath
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facecore.images import DecodeLimits, ImageError, decode, decode_png, encode_jpeg
+from jobs.output import OutputFolder
+from jobs.spec import StorageSpec
+from jobs.storage import locate, write_atomic
+
+IMAGE_COLUMNS = ("aligned", "preview", "render", "image", "mask")
+THUMBNAIL = 160
+
+
+def _data_uri(rgb: np.ndarray) -> str:
+    scale = THUMBNAIL / max(rgb.shape[:2])
+    if scale < 1:
+        rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(rgb, 85)).decode("ascii")
+
+
+def _mask_picture(data: bytes) -> np.ndarray:
+    from facecore.rig import colourise
+
+    return colourise(decode_png(data))
+
+
+def _photo(uri: str, storage: StorageSpec | None) -> str | None:
+    try:
+        location = locate(uri, storage)
+        with location.fs.open(location.path, "rb") as handle:
+            data = handle.read(64 * 1024 * 1024)
+        return _data_uri(decode(data, DecodeLimits()).rgb)
+    except (OSError, ImageError, ValueError):
+        return None
+
+
+def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int = 200) -> str:
+    """Write ``report.html`` into the output folder; return its URI."""
+    folder = OutputFolder(locate(output_uri, storage))
+    parts = folder.parts()
+    if not parts:
+        raise FileNotFoundError(f"no output parts in {output_uri}")
+    arrow_fs = folder.location.arrow_fs
+    metadata = pq.read_schema(parts[0], filesystem=arrow_fs).metadata or {}
+    names = json.loads(metadata.get(b"facejobs.params", b"[]"))
+    rig = json.loads(metadata.get(b"facejobs.rig", b"{}"))
+    neutral = {p["name"]: p.get("neutral", 0.5) for p in rig.get("continuous", [])}
+    kind = metadata.get(b"facejobs.kind", b"?").decode()
+    table = pa.concat_tables(pq.read_table(p, filesystem=arrow_fs) for p in parts)
+    table = table.sort_by([("key", "ascending")]).slice(0, limit)
+    columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    rows_html = []
+    for row in table.to_pylist():
+        cells = []
+        if "uri" in row:
+            picture = _photo(row["uri"], storage)
+            cells.append(f'<td><img src="{picture}"></td>' if picture else "<td>(photo unavailable)</td>")
+        for column in columns:
+            data = row.get(column)
+            if data:
+                picture = _mask_picture(data) if column == "mask" else decode_png(data)
+                if picture.ndim == 2:
+                    picture = np.repeat(picture[:, :, None], 3, axis=2)
+                cells.append(f'<td><img src="{_data_uri(picture)}"></td>')
+            else:
+                cells.append("<td></td>")
+        status = html.escape(row.get("status") or "")
+        error = html.escape(row.get("error") or "")
+        details = ""
+        if row.get("params") is not None and names:
+            # The style choices, then the ten parameters farthest from neutral.
+            pairs = list(zip(names, row["params"]))
+            styles = [name for name, value in pairs if "=" in name and value > 0.5]
+            continuous = sorted(((n, v) for n, v in pairs if "=" not in n),
+                                key=lambda p: -abs(p[1] - neutral.get(p[0], 0.5)))
+            shown = styles + [f"{n}={v:.2f}" for n, v in continuous[:10]]
+            details = "<br>".join(html.escape(s) for s in shown)
+        losses = ""
+        if row.get("loss_end") is not None:
+            losses = f"<br>loss {row['loss_start']:.4f} → {row['loss_end']:.4f} in {row['iterations']} steps"
+        cells.append(f"<td><b>{html.escape(str(row['key']))}</b><br>{status} {error}{losses}"
+                     f"<div class=p>{details}</div></td>")
+        rows_html.append("<tr>" + "".join(cells) + "</tr>")
+    header = (["photo"] if "uri" in table.column_names else []) + list(columns) + ["row"]
+    document = f"""<!doctype html><meta charset="utf-8"><title>facejobs {kind} report</title>
+<style>body{{font:13px sans-serif}} td{{vertical-align:top;padding:4px;border-bottom:1px solid #ddd}}
+img{{max-width:{THUMBNAIL}px}} .p{{color:#555;font-size:11px}}</style>
+<h1>{html.escape(kind)} job: {html.escape(output_uri)}</h1>
+<p>{table.num_rows} rows shown (first {limit} by key).</p>
+<table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(rows_html)}</table>"""
+    target = folder.location.join("report.html")
+    write_atomic(target, document.encode("utf-8"))
+    return target.uri

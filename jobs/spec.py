@@ -207,12 +207,13 @@ class PinchJob(_Strict):
 
 class TrainData(_Strict):
     renders: str  # a render job's output folder: (params, image, mask) rows
+    photos: str | None = None  # parser only: an align job's output; masks come from its landmarks
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
 
-    @field_validator("renders")
+    @field_validator("renders", "photos")
     @classmethod
-    def _renders_uri(cls, value: str) -> str:
-        return _check_uri(value, "renders")
+    def _data_uri(cls, value: str | None) -> str | None:
+        return value if value is None else _check_uri(value, "data")
 
 
 class TrainOptions(_Strict):

@@ -57,11 +57,27 @@ def _to_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> 
         if mask.shape[0] != size:
             mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
         masks.append(mask)
-    return {
-        "params": torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in raw["params"]])).to(device),
+    tensors = {
         "image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(device),
         "mask": torch.from_numpy(np.stack(masks).astype(np.int64)).to(device),
     }
+    if "params" in raw:  # the parser's data (renders and photos) carries none
+        tensors["params"] = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in raw["params"]])).to(device)
+    return tensors
+
+
+def photo_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Align-job rows → training rows: the aligned crop and a mask drawn from its landmarks."""
+    from facecore.face.parsing_mask import landmark_mask
+    from facecore.images import decode_png, encode_png
+
+    images, masks = [], []
+    for data, points in zip(batch["aligned"], batch["aligned_landmarks"]):
+        side = decode_png(data).shape[0]
+        images.append(data)
+        masks.append(encode_png(landmark_mask(np.asarray(points, np.float64).reshape(68, 2), side)))
+    return {"key": batch["key"], "status": batch["status"],
+            "image": np.array(images, dtype=object), "mask": np.array(masks, dtype=object)}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -112,12 +128,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
-def _render_parts(spec: TrainJob) -> list[str]:
-    location = locate(spec.data.renders, spec.storage)
+def _parts(location, field: str) -> list[str]:
+    if not location.fs.exists(location.path):
+        raise FileNotFoundError(f"{field}: {location.uri} does not exist")
     names = [posixpath.basename(p) for p in location.fs.ls(location.path, detail=False)]
     parts = sorted(location.join(n).uri for n in names if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX))
     if not parts:
-        raise FileNotFoundError(f"data.renders: no {PART_PREFIX}*{PART_SUFFIX} files in {spec.data.renders}")
+        raise FileNotFoundError(f"{field}: no {PART_PREFIX}*{PART_SUFFIX} files in {location.uri}")
     return parts
 
 
@@ -146,15 +163,25 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
 
     if not ray.is_initialized():
         init_ray(address)
-    parts = _render_parts(spec)
     location = locate(spec.data.renders, spec.storage)
+    parts = _parts(location, "data.renders")
     # Reading is I/O: small CPU claims, so that the training workers, which hold
     # most of the CPUs, never starve the tasks that feed them.
     io = {"num_cpus": 0.25}
+    columns = ["key", "status", "params", "image", "mask"] if spec.model == "imitator" else \
+        ["key", "status", "image", "mask"]
     dataset = ray.data.read_parquet([location.fs._strip_protocol(p) if location.scheme else p for p in parts],
-                                    filesystem=location.arrow_fs, columns=["key", "status", "params", "image", "mask"],
-                                    ray_remote_args=io)
+                                    filesystem=location.arrow_fs, columns=columns, ray_remote_args=io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
+    if spec.data.photos and spec.model == "parser":
+        photos = locate(spec.data.photos, spec.storage)
+        photo_parts = _parts(photos, "data.photos")
+        aligned = ray.data.read_parquet([photos.fs._strip_protocol(p) if photos.scheme else p for p in photo_parts],
+                                        filesystem=photos.arrow_fs,
+                                        columns=["key", "status", "aligned", "aligned_landmarks"],
+                                        ray_remote_args=io)
+        aligned = aligned.filter(lambda row: row["status"] == "ok", **io)
+        dataset = dataset.union(aligned.map_batches(photo_rows, batch_format="numpy", **io))
     threshold = int(spec.data.validation_fraction * 1000)
     holdout = lambda row: zlib.crc32(row["key"].encode()) % 1000 < threshold  # noqa: E731
     # Materialised before the workers start: with the workers holding the CPUs,

@@ -163,3 +163,18 @@ def test_contact_sheet_tiles(renderer):
     assert sheet.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
     assert np.array_equal(sheet[2:34, 2:34], cells[0])
     assert cv2.countNonZero(255 - sheet[36:68, 36:68].max(axis=2)) == 0  # the empty cell stays blank
+
+
+def test_landmark_masks_agree_with_rig_masks(renderer):
+    """Masks drawn from landmarks alone (for real photos) label what the rig labels."""
+    from facecore.face.parsing_mask import UNKNOWN, landmark_mask
+
+    agreements = []
+    for values in default_schema().sample(np.random.default_rng(8), 10, fixed={"beard": "none"}):
+        values.update(yaw=0.5, pitch=0.5, roll=0.5)
+        render = renderer.render(values, 128)
+        mask = landmark_mask(render.landmarks, 128)
+        known = mask != UNKNOWN
+        assert known.mean() > 0.2
+        agreements.append((mask[known] == render.mask[known]).mean())
+    assert np.mean(agreements) > 0.85, agreements

@@ -50,3 +50,24 @@ def test_two_worker_training_improves_and_resumes(ray_cluster, tmp_path):
     assert len(checkpoints) == 3
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["epoch"] == 2
+
+
+def test_parser_trains_on_renders_and_landmark_masked_photos(ray_cluster, photos, tmp_path):
+    from jobs.manifest import write_manifest
+
+    run(parse_spec({"kind": "render", "output": {"path": str(tmp_path / "renders")},
+                    "options": {"count": 48, "size": 32, "seed": 1}}), progress=False)
+    write_manifest([str(p) for p in photos.values()], str(tmp_path / "m.parquet"))
+    run(parse_spec({"kind": "align", "input": {"manifest": str(tmp_path / "m.parquet")},
+                    "output": {"path": str(tmp_path / "aligned")}, "options": {"size": 64, "method": "affine68"}}),
+        progress=False)
+    result = train(parse_spec({
+        "kind": "train", "model": "parser",
+        "data": {"renders": str(tmp_path / "renders"), "photos": str(tmp_path / "aligned"),
+                 "validation_fraction": 0.2},
+        "output": {"path": str(tmp_path / "parser")},
+        "options": {"epochs": 2, "batch_size": 8, "image_size": 32, "base_channels": 16},
+        "resources": {"num_workers": 2},
+    }))
+    assert result["metrics"]["epoch"] == 1 and 0.0 <= result["metrics"]["validation"] <= 1.0
+    assert (tmp_path / "parser" / MODEL_DIR / weights.WEIGHTS).is_file()

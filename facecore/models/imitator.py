@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from facecore.models.layers import group_norm
+
 
 @dataclass(frozen=True)
 class ImitatorConfig:
@@ -53,10 +55,10 @@ class Imitator(nn.Module):
         for i in range(levels):
             layers += [
                 nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(widths[i + 1]),
+                group_norm(widths[i + 1]),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(widths[i + 1], widths[i + 1], 3, padding=1, bias=False),
-                nn.BatchNorm2d(widths[i + 1]),
+                group_norm(widths[i + 1]),
                 nn.ReLU(inplace=True),
             ]
         self.upsample = nn.Sequential(*layers)

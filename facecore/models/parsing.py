@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facecore.models.layers import group_norm
+
 
 @dataclass(frozen=True)
 class ParsingConfig:
@@ -36,12 +38,12 @@ class _Residual(nn.Module):
     def __init__(self, in_channels: int, channels: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = group_norm(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = group_norm(channels)
         self.shortcut = (nn.Identity() if stride == 1 and in_channels == channels else
                          nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                       nn.BatchNorm2d(channels)))
+                                       group_norm(channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -55,7 +57,7 @@ class FaceParser(nn.Module):
         super().__init__()
         self.config = config
         width = config.base_channels
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), group_norm(width),
                                   nn.ReLU(inplace=True))
         self.encoder = nn.ModuleList()
         widths = [width]

@@ -1,0 +1,110 @@
+"""Pinch speed: the batched optimiser vs one image at a time, its stopping rule, and the job.
+
+All in one run on the same models and the same aligned sample photos:
+1. images/s of ``pinch`` on batches of 32 vs the seed's one-image loop, both for a
+   fixed number of iterations (stopping rule off);
+2. the default stopping rule's mean iterations per image, and the relative gap of
+   its final loss to a 400-iteration run of the same optimiser;
+3. the ``pinch`` job on Ray (2 CPUs) vs the plain batched loop over the same photos.
+
+    python bench/pinch.py --imitator DIR --parser DIR [--images 64] [--iterations 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from facecore import weights
+from facecore.face import DetectorConfig, FaceDetector
+from facecore.images import decode
+from facecore.methods.pinch import PinchConfig, pinch
+from facecore.models.imitator import Imitator
+from facecore.models.parsing import FaceParser
+from facecore.rig import default_schema, reference_face
+from jobs.manifest import write_manifest
+from jobs.pipeline import run
+from jobs.samples import sample_photos
+from jobs.spec import parse_spec
+
+
+def aligned_targets(size: int, count: int) -> tuple[torch.Tensor, list[Path]]:
+    detector = FaceDetector(DetectorConfig(), reference=reference_face(size), align_method="affine68")
+    photos = list(sample_photos().values())
+    crops = []
+    for path in photos:
+        image = decode(path.read_bytes()).rgb
+        crops.append(detector.align(image, detector(image)[0].landmarks).image)
+    chosen = [crops[i % len(crops)] for i in range(count)]
+    tensor = torch.from_numpy(np.stack(chosen)).permute(0, 3, 1, 2).float() / 255.0
+    return tensor, [photos[i % len(photos)] for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--imitator", required=True)
+    parser.add_argument("--parser", required=True)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=40)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+
+    imitator = weights.load_model(Imitator, args.imitator).eval()
+    face_parser = weights.load_model(FaceParser, args.parser).eval()
+    schema = default_schema()
+    targets, paths = aligned_targets(imitator.config.image_size, args.images)
+    fixed = PinchConfig(max_iterations=args.iterations, patience=10**9)
+
+    started = time.perf_counter()
+    for start in range(0, len(targets), 32):
+        pinch(imitator, face_parser, targets[start:start + 32], schema, fixed)
+    batched_ips = len(targets) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for index in range(len(targets)):
+        pinch(imitator, face_parser, targets[index:index + 1], schema, fixed)
+    sequential_ips = len(targets) / (time.perf_counter() - started)
+    print(f"{args.iterations} iterations: batched {batched_ips:.2f} img/s, one at a time {sequential_ips:.2f} img/s")
+
+    default = PinchConfig()
+    stopped = pinch(imitator, face_parser, targets[:32], schema, default)
+    long = pinch(imitator, face_parser, targets[:32], schema, replace(default, max_iterations=400, patience=10**9))
+    gap = float(np.mean((stopped.loss_end - long.loss_end) / np.maximum(long.loss_end, 1e-12)))
+    print(f"default stop: {stopped.iterations.mean():.1f} iterations per image; loss gap to 400 iterations {gap:+.2%}")
+
+    started = time.perf_counter()
+    for start in range(0, len(targets), 32):
+        pinch(imitator, face_parser, targets[start:start + 32], schema, default)
+    plain_seconds = time.perf_counter() - started
+
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest = Path(scratch) / "m.parquet"
+        write_manifest([str(p) for p in paths], str(manifest), keys=[f"k{i:05d}" for i in range(len(paths))])
+        spec = parse_spec({"kind": "pinch", "input": {"manifest": str(manifest)},
+                           "output": {"path": str(Path(scratch) / "out")},
+                           "models": {"imitator": args.imitator, "parser": args.parser},
+                           "options": {"size": imitator.config.image_size},
+                           "resources": {"batch_size": 32, "concurrency": 1}})
+        started = time.perf_counter()
+        summary = run(spec, progress=False)
+        job_seconds = time.perf_counter() - started
+    ray.shutdown()
+    assert summary.ok_rows == len(paths), summary
+    print(f"pinch job on Ray: {len(paths) / job_seconds:.2f} img/s; plain batched loop {len(paths) / plain_seconds:.2f}")
+    print(f"RESULT batched_ips={batched_ips:.2f} sequential_ips={sequential_ips:.2f} "
+          f"ratio={batched_ips / sequential_ips:.2f} iters_mean={stopped.iterations.mean():.1f} "
+          f"loss_gap={gap:.4f} job_vs_plain={plain_seconds / job_seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()

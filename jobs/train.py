@@ -87,6 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     spec = TrainJob.model_validate(config["spec"])
     torch.manual_seed(spec.options.seed)
+    if not spec.resources.use_gpu:
+        # oneDNN's AVX-512 1x1-convolution weight-gradient kernel segfaulted inside
+        # Ray Train's worker thread here (parser, 64 px); PyTorch's own CPU kernels
+        # do not, at a small cost in speed.
+        torch.backends.mkldnn.enabled = False
     device = ray.train.torch.get_device()
     model = _model_for(spec, config["param_dim"]).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=spec.options.learning_rate)

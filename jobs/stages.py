@@ -21,7 +21,7 @@ from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_re
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
 from jobs.spec import AlignOptions, PinchOptions, RenderOptions, StorageSpec
-from jobs.storage import locate
+from jobs.storage import fsspec_options, locate
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class PinchStage:
     one (``num_gpus`` from the spec) and on the CPU otherwise.
     """
 
-    def __init__(self, imitator_uri: str, parser_uri: str, options: PinchOptions = None,
+    def __init__(self, imitator_uri: str, parser_uri: str, options: PinchOptions | None = None,
                  storage: StorageSpec | None = None) -> None:
         import torch
 
@@ -321,9 +321,9 @@ class PinchStage:
 
         self.options = options or PinchOptions()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        storage_options = _storage_options(storage)
-        self.imitator = weights.load_model(Imitator, imitator_uri, self.device, storage_options).eval()
-        self.parser = weights.load_model(FaceParser, parser_uri, self.device, storage_options).eval()
+        self.imitator = weights.load_model(Imitator, imitator_uri, self.device,
+                                           fsspec_options(storage, imitator_uri)).eval()
+        self.parser = weights.load_model(FaceParser, parser_uri, self.device, fsspec_options(storage, parser_uri)).eval()
         self.schema = default_schema()
         if self.imitator.config.param_dim != self.schema.vector_size:
             raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
@@ -372,11 +372,3 @@ class PinchStage:
                     rows[i].update(status="model_error", error=f"{type(exc).__name__}: {exc}")
         return pa.Table.from_pylist(rows, schema=PINCH_SCHEMA)
 
-
-def _storage_options(storage: StorageSpec | None) -> dict[str, Any]:
-    """fsspec options for model URIs on object storage (credentials stay in the environment)."""
-    if storage is None or (not storage.endpoint_url and not storage.region and not storage.anon):
-        return {}
-    client_kwargs = {k: v for k, v in (("endpoint_url", storage.endpoint_url),
-                                       ("region_name", storage.region)) if v}
-    return {"anon": storage.anon, "client_kwargs": client_kwargs}

@@ -47,18 +47,28 @@ def scheme_of(uri: str) -> str:
     return "" if len(scheme) <= 1 or scheme == "file" else scheme
 
 
+def fsspec_options(storage: StorageSpec | None, uri: str | None = None) -> dict:
+    """Keyword arguments for the fsspec filesystem of ``uri`` (S3 if no uri is given).
+
+    Only object storage takes options; credentials stay in the environment.
+    """
+    if uri is not None and scheme_of(uri) not in ("s3", "s3a"):
+        return {}
+    storage = storage or StorageSpec()
+    client_kwargs = {}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    return {"anon": storage.anon, "client_kwargs": client_kwargs}
+
+
 def filesystem(scheme: str, storage: StorageSpec | None = None) -> fsspec.AbstractFileSystem:
     """An fsspec filesystem for a scheme; fsspec caches instances per arguments."""
-    storage = storage or StorageSpec()
     if scheme in ("", "file"):
         return fsspec.filesystem("file")
     if scheme in ("s3", "s3a"):
-        client_kwargs = {}
-        if storage.endpoint_url:
-            client_kwargs["endpoint_url"] = storage.endpoint_url
-        if storage.region:
-            client_kwargs["region_name"] = storage.region
-        return fsspec.filesystem("s3", anon=storage.anon, client_kwargs=client_kwargs)
+        return fsspec.filesystem("s3", **fsspec_options(storage, None))
     return fsspec.filesystem(scheme)
 
 

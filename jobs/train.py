@@ -29,7 +29,7 @@ from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.training.steps import imitator_eval, imitator_step, parser_eval, parser_step
 from jobs.output import PART_PREFIX, PART_SUFFIX
 from jobs.spec import TrainJob
-from jobs.storage import locate
+from jobs.storage import fsspec_options, locate
 
 log = logging.getLogger(__name__)
 
@@ -223,5 +223,6 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
         model = weights.load_model(Imitator if spec.model == "imitator" else FaceParser,
                                    os.path.join(folder, MODEL_DIR))
     destination = output.join(MODEL_DIR).uri
-    weights.save_model(model, destination, extra=dict(result.metrics or {}))
+    weights.save_model(model, destination, extra=dict(result.metrics or {}),
+                       storage_options=fsspec_options(spec.storage, destination))
     return {"metrics": dict(result.metrics or {}), "model": destination}

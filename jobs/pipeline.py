@@ -89,6 +89,15 @@ def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) ->
     }
 
 
+def _fetch_and_align(spec: AlignJob | PinchJob) -> list[tuple[type, dict[str, Any]]]:
+    """The CPU stages every photo job starts with."""
+    return [
+        (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
+                      "threads": spec.resources.fetch_threads}),
+        (AlignStage, {"options": spec.options}),
+    ]
+
+
 def _blocks(rows: pa.Table, spec: JobSpec) -> list[pa.Table]:
     # Small blocks keep the workers evenly busy to the end (a block is the unit
     # of work a worker takes, and one output part), capped by rows_per_block.
@@ -107,10 +116,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
     blocks = _blocks(rows, spec)
     resources = spec.resources
     if isinstance(spec, AlignJob):
-        chain = [
-            (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
-                          "threads": resources.fetch_threads}),
-            (AlignStage, {"options": spec.options}),
+        chain = _fetch_and_align(spec) + [
             (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage,
                            "metadata": _schema_metadata(spec, ALIGN_FIELD_DOCS)}),
         ]
@@ -156,11 +162,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
         cpu_share = _cpu_actor_cpus(spec, pools=2)
         aligned = ray.data.from_arrow(blocks).map_batches(
             Chain,
-            fn_constructor_kwargs={"stages": [
-                (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
-                              "threads": resources.fetch_threads}),
-                (AlignStage, {"options": spec.options}),
-            ]},
+            fn_constructor_kwargs={"stages": _fetch_and_align(spec)},
             batch_size=None,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)), max_tasks_in_flight_per_actor=2),

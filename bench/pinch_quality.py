@@ -36,7 +36,10 @@ def main() -> None:
     parser.add_argument("--parser", required=True)
     parser.add_argument("--renders", type=int, default=200)
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--hold", default="yaw,pitch,roll",
+                        help="parameters held at the reference (presets train on frontal renders)")
     args = parser.parse_args()
+    config = PinchConfig(hold=tuple(n for n in args.hold.split(",") if n))
 
     imitator = weights.load_model(Imitator, args.imitator).eval()
     face_parser = weights.load_model(FaceParser, args.parser).eval()
@@ -47,7 +50,7 @@ def main() -> None:
     truth = schema.sample(np.random.default_rng(args.seed), args.renders, fixed=FRONTAL)
     images = np.stack([renderer.render(values, size).image for values in truth])
     targets = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    results = [pinch(imitator, face_parser, targets[i:i + 32], schema, PinchConfig()) for i in range(0, len(truth), 32)]
+    results = [pinch(imitator, face_parser, targets[i:i + 32], schema, config) for i in range(0, len(truth), 32)]
     found = np.concatenate([r.params for r in results])
     true_vectors = np.stack([schema.encode(values) for values in truth])
     reference = schema.reference_vector()
@@ -74,7 +77,7 @@ def main() -> None:
         crops.append(aligned.image)
         photo_landmarks.append(aligned.landmarks)
     batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
-    result = pinch(imitator, face_parser, batch, schema, PinchConfig())
+    result = pinch(imitator, face_parser, batch, schema, config)
     errors, reference_errors = [], []
     for params, points in zip(result.params, photo_landmarks):
         distance = np.linalg.norm(np.diff(eye_centres(points), axis=0))

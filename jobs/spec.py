@@ -181,6 +181,17 @@ class PinchOptions(AlignOptions):
     min_improvement: float = Field(2e-3, ge=0)
     target_loss: float = Field(0.0, ge=0)
     render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
+    hold: list[str] = Field(default_factory=list)  # parameters kept at the reference, e.g. [yaw, pitch, roll]
+
+    @field_validator("hold")
+    @classmethod
+    def _hold_in_rig(cls, value: list[str]) -> list[str]:
+        from facecore.rig import default_schema
+
+        unknown = sorted(set(value) - set(default_schema().continuous_names))
+        if unknown:
+            raise ValueError(f"{unknown} are not continuous parameters of the rig")
+        return value
 
 
 class PinchModels(_Strict):

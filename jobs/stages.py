@@ -332,7 +332,7 @@ class PinchStage:
         self.config = PinchConfig(max_iterations=self.options.max_iterations,
                                   learning_rate=self.options.learning_rate, patience=self.options.patience,
                                   min_improvement=self.options.min_improvement,
-                                  target_loss=self.options.target_loss)
+                                  target_loss=self.options.target_loss, hold=tuple(self.options.hold))
 
     def __call__(self, batch: Batch) -> pa.Table:
         import cv2

@@ -34,6 +34,8 @@ class PinchConfig:
         target_loss: stop an image once its loss is at or below this.
         temperature: softmax temperature of the relaxed one-hot groups.
         initial_logit: logit of each group's default choice at the start (others 0).
+        hold: continuous parameters kept at their reference values (e.g. the pose,
+            when the imitator was trained on frontal renders only).
     """
 
     max_iterations: int = 100
@@ -43,6 +45,7 @@ class PinchConfig:
     target_loss: float = 0.0
     temperature: float = 0.5
     initial_logit: float = 2.0
+    hold: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +134,11 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     with torch.no_grad():
         target_features = [t.detach() for t in parser.features(targets)]
     variables = _Parameters(schema, batch, config, device)
+    unknown = sorted(set(config.hold) - set(schema.continuous_names))
+    if unknown:
+        raise ValueError(f"hold: {unknown} are not continuous parameters of rig {schema.name}")
+    held = [schema.continuous_names.index(name) for name in config.hold]
+    reference = variables.continuous.detach().clone()
     optimiser = torch.optim.Adam(variables.parameters(), lr=config.learning_rate)
 
     def loss_of(vector: torch.Tensor) -> torch.Tensor:
@@ -152,6 +160,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
         optimiser.step()
         with torch.no_grad():
             variables.continuous.clamp_(0.0, 1.0)  # the projection onto [0, 1]
+            variables.continuous[:, held] = reference[:, held]
             for parameter, before in zip(variables.parameters(), frozen):
                 parameter[~active] = before[~active]  # finished images stay put
             iterations += active.long()

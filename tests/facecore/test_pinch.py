@@ -71,3 +71,13 @@ def test_feature_loss_is_per_image():
     assert torch.allclose(feature_loss(a, b), torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="depth"):
         feature_loss(a, b[:1])
+
+
+def test_held_parameters_stay_at_the_reference(models, targets):
+    schema, imitator, parser = models
+    result = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=10, hold=("yaw", "smile")))
+    for name in ("yaw", "smile"):
+        index = schema.continuous_names.index(name)
+        assert (result.params[:, index] == schema.reference_vector()[index]).all()
+    with pytest.raises(ValueError, match=r"hold: \['nose_size'\]"):
+        pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=1, hold=("nose_size",)))

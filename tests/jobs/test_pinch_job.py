@@ -62,9 +62,12 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
     assert again.processed_rows == 0 and again.output_rows == len(corpus)
 
 
-def test_pinch_spec_needs_models(tmp_path):
+def test_pinch_spec_needs_models_and_known_held_parameters(tmp_path):
     with pytest.raises(SpecError, match="models: required field is missing"):
         parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+    with pytest.raises(SpecError, match=r"options\.hold: \['tail'\] are not continuous parameters"):
+        parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
+                    "models": {"imitator": "i", "parser": "p"}, "options": {"hold": ["yaw", "tail"]}})
 
 
 def test_report_is_a_self_contained_contact_sheet(ray_cluster, photos, checkpoints, tmp_path):

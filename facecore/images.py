@@ -137,14 +137,6 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     return DecodedImage(rgb=rgb, format=fmt, source_mode=source_mode, exif_transposed=exif_transposed)
 
 
-def probe_size(data: bytes) -> tuple[int, int]:
-    """(width, height) read from the header alone, before EXIF orientation."""
-    try:
-        return Image.open(io.BytesIO(data)).size
-    except Exception as exc:
-        raise DecodeError(f"not a readable image: {exc}") from exc
-
-
 def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode == "F":

@@ -89,6 +89,11 @@ def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) ->
     }
 
 
+def _rig_metadata(schema) -> dict[str, str]:
+    """The names of the ``params`` slots and the whole rig, for outputs holding rig vectors."""
+    return {"facejobs.params": json.dumps(list(schema.vector_names)), "facejobs.rig": json.dumps(schema.to_dict())}
+
+
 def _fetch_and_align(spec: AlignJob | PinchJob) -> list[tuple[type, dict[str, Any]]]:
     """The CPU stages every photo job starts with."""
     return [
@@ -135,11 +140,8 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
         from facecore.rig import HELEN_CLASSES
 
         schema = rig_schema(spec)
-        metadata = _schema_metadata(spec, RENDER_FIELD_DOCS, **{
-            "facejobs.params": json.dumps(list(schema.vector_names)),
-            "facejobs.rig": json.dumps(schema.to_dict()),
-            "facejobs.mask_classes": json.dumps(list(HELEN_CLASSES)),
-        })
+        metadata = _schema_metadata(spec, RENDER_FIELD_DOCS, **_rig_metadata(schema),
+                                    **{"facejobs.mask_classes": json.dumps(list(HELEN_CLASSES))})
         chain = [
             (RenderStage, {"options": spec.options}),
             (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
@@ -168,10 +170,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
             compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)), max_tasks_in_flight_per_actor=2),
             num_cpus=cpu_share,
         )
-        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS, **{
-            "facejobs.params": json.dumps(list(default_schema().vector_names)),
-            "facejobs.rig": json.dumps(default_schema().to_dict()),
-        })
+        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS, **_rig_metadata(default_schema()))
         # The model pool: GPUs when the spec asks (a fraction of a CPU each, so
         # the CPU pool keeps its cores), the CPU otherwise.
         return aligned.map_batches(

@@ -12,12 +12,10 @@ import cv2
 import numpy as np
 
 from facecore.face.landmarks import check_landmarks68
+from facecore.rig.classes import CLASS_INDEX as C
 
-UNKNOWN = 255
+UNKNOWN = 255  # also the ignore index of the parser's cross-entropy
 _BITS = 4
-
-# Helen class indices, as in facecore.rig.classes.HELEN_CLASSES.
-FACE, RIGHT_BROW, LEFT_BROW, RIGHT_EYE, LEFT_EYE, NOSE, UPPER_LIP, INNER_MOUTH, LOWER_LIP = 1, 4, 3, 6, 5, 7, 8, 9, 10
 
 
 def landmark_mask(points68: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -38,15 +36,15 @@ def landmark_mask(points68: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
 
     # The face: inside the jaw line, up to just above the brows.
     lift = np.array([0.0, 0.06 * face_width])
-    fill(np.concatenate([points[0:17], points[26:16:-1] - lift]), FACE)
+    fill(np.concatenate([points[0:17], points[26:16:-1] - lift]), C["face"])
     half = 0.02 * face_width
-    for brow, cls in ((points[17:22], RIGHT_BROW), (points[22:27], LEFT_BROW)):
+    for brow, cls in ((points[17:22], C["right_brow"]), (points[22:27], C["left_brow"])):
         fill(np.concatenate([brow - [0, half], (brow + [0, half])[::-1]]), cls)
-    fill(points[36:42], RIGHT_EYE)
-    fill(points[42:48], LEFT_EYE)
+    fill(points[36:42], C["right_eye"])
+    fill(points[42:48], C["left_eye"])
     bridge = np.array([0.04 * face_width, 0.0])
-    fill(np.concatenate([points[[27]] - bridge, points[31:36], points[[27]] + bridge]), NOSE)
-    fill(points[60:68], INNER_MOUTH)
-    fill(np.concatenate([points[48:55], points[[64, 63, 62, 61, 60]]]), UPPER_LIP)
-    fill(np.concatenate([points[54:60], points[[48, 60, 67, 66, 65, 64]]]), LOWER_LIP)
+    fill(np.concatenate([points[[27]] - bridge, points[31:36], points[[27]] + bridge]), C["nose"])
+    fill(points[60:68], C["inner_mouth"])
+    fill(np.concatenate([points[48:55], points[[64, 63, 62, 61, 60]]]), C["upper_lip"])
+    fill(np.concatenate([points[54:60], points[[48, 60, 67, 66, 65, 64]]]), C["lower_lip"])
     return mask

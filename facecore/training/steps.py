@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = 255  # mask value of pixels whose class is unknown (real photos)
+from facecore.face.parsing_mask import UNKNOWN as IGNORE  # pixels of unknown class (real photos)
 
 
 @dataclass(frozen=True)

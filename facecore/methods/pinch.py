@@ -12,7 +12,9 @@ the models in eval mode), so an image's result does not depend on its batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,18 +35,31 @@ class PinchConfig:
         min_improvement: relative improvement that resets the patience counter.
         target_loss: stop an image once its loss is at or below this.
         temperature: softmax temperature of the relaxed one-hot groups.
-        initial_logit: logit of each group's default choice at the start (others 0).
+        initial_logit: logit of each group's starting choice (others 0).
+        decay: anneal the step size along a half cosine from ``learning_rate`` at
+            the first step to 5% of it at ``max_iterations``.
+        try_styles: pick each discrete group's choice by trying every one, per
+            image, once at the reference face (the starting choice) and once
+            after the search (the snap), instead of taking the default and the
+            relaxed one-hot's argmax. Costs one forward pass per choice.
+        prior_weight: weight of a pull towards the reference face (mean absolute
+            distance of the continuous parameters from it) added to the loss:
+            parameters the image says little about stay near neutral instead of
+            drifting with the imitator's errors (0 = the seed's plain loss).
         hold: continuous parameters kept at their reference values (e.g. the pose,
             when the imitator was trained on frontal renders only).
     """
 
     max_iterations: int = 100
-    learning_rate: float = 0.03
+    learning_rate: float = 0.1
     patience: int = 12
     min_improvement: float = 2e-3
     target_loss: float = 0.0
     temperature: float = 0.5
     initial_logit: float = 2.0
+    decay: bool = True
+    try_styles: bool = True
+    prior_weight: float = 0.0
     hold: tuple[str, ...] = ()
 
 
@@ -78,17 +93,15 @@ def feature_loss(features_a: list[torch.Tensor], features_b: list[torch.Tensor])
 class _Parameters(nn.Module):
     """The optimised variables: continuous values and per-group style logits."""
 
-    def __init__(self, schema: RigSchema, batch: int, config: PinchConfig, device: torch.device) -> None:
+    def __init__(self, schema: RigSchema, start: torch.Tensor, config: PinchConfig) -> None:
+        """``start``: (B, D) snapped vectors the search begins at."""
         super().__init__()
-        reference = torch.from_numpy(schema.reference_vector()).to(device)
         self.schema = schema
         self.temperature = config.temperature
-        self.continuous = nn.Parameter(reference[: schema.continuous_size].repeat(batch, 1).clone())
+        self.continuous = nn.Parameter(start[:, : schema.continuous_size].clone())
         self.logits = nn.ParameterList()
         for group in schema.discrete:
-            start = torch.zeros(batch, group.size, device=device)
-            start[:, group.choices.index(group.default)] = config.initial_logit
-            self.logits.append(nn.Parameter(start))
+            self.logits.append(nn.Parameter(start[:, schema.group_slice(group.name)] * config.initial_logit))
 
     def vector(self, snapped: bool = False) -> torch.Tensor:
         blocks = [self.continuous]
@@ -133,26 +146,38 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     batch = targets.shape[0]
     with torch.no_grad():
         target_features = [t.detach() for t in parser.features(targets)]
-    variables = _Parameters(schema, batch, config, device)
+
+    start = torch.from_numpy(schema.reference_vector()).to(device=device, dtype=targets.dtype).repeat(batch, 1)
+    continuous = schema.continuous_size
+
+    def loss_of(vector: torch.Tensor) -> torch.Tensor:
+        loss = feature_loss(parser.features(imitator(vector)), target_features)
+        if config.prior_weight > 0:
+            loss = loss + config.prior_weight * (vector[:, :continuous] - start[:1, :continuous]).abs().mean(dim=1)
+        return loss
+
+    with torch.no_grad():
+        loss_start = loss_of(start)
+        if config.try_styles:
+            start, _ = _try_styles(loss_of, start, loss_start, schema)
+    variables = _Parameters(schema, start, config)
     unknown = sorted(set(config.hold) - set(schema.continuous_names))
     if unknown:
         raise ValueError(f"hold: {unknown} are not continuous parameters of rig {schema.name}")
     held = [schema.continuous_names.index(name) for name in config.hold]
     reference = variables.continuous.detach().clone()
     optimiser = torch.optim.Adam(variables.parameters(), lr=config.learning_rate)
-
-    def loss_of(vector: torch.Tensor) -> torch.Tensor:
-        return feature_loss(parser.features(imitator(vector)), target_features)
-
-    with torch.no_grad():
-        loss_start = loss_of(variables.vector(snapped=True))
     best = loss_start.clone()
     stale = torch.zeros(batch, dtype=torch.long, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     active = loss_start > config.target_loss
-    for _ in range(config.max_iterations):
+    for step in range(config.max_iterations):
         if not bool(active.any()):
             break
+        if config.decay:
+            progress = step / max(config.max_iterations - 1, 1)
+            for group in optimiser.param_groups:
+                group["lr"] = config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
         frozen = [p.detach().clone() for p in variables.parameters()]
         optimiser.zero_grad(set_to_none=True)
         losses = loss_of(variables.vector())
@@ -171,6 +196,8 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     with torch.no_grad():
         final = variables.vector(snapped=True)
         loss_end = loss_of(final)
+        if config.try_styles:
+            final, loss_end = _try_styles(loss_of, final, loss_end, schema)
     params = final.detach().cpu().numpy().astype(np.float32)
     return PinchResult(
         params=params,
@@ -179,3 +206,25 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
         loss_end=loss_end.cpu().numpy(),
         iterations=iterations.cpu().numpy(),
     )
+
+
+def _try_styles(loss_of: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor, losses: torch.Tensor,
+                schema: RigSchema) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and group in turn, keep the choice with the lowest loss.
+
+    A group's choice changes the render as a whole (a hair style, a beard), where
+    gradients through a relaxed one-hot are a poor guide; trying each choice is
+    exact and costs one batched forward pass per choice.
+    """
+    vectors, losses = vectors.clone(), losses.clone()
+    for group in schema.discrete:
+        block = schema.group_slice(group.name)
+        for choice in range(group.size):
+            candidate = vectors.clone()
+            candidate[:, block] = 0.0
+            candidate[:, block.start + choice] = 1.0
+            candidate_losses = loss_of(candidate)
+            better = candidate_losses < losses
+            vectors[better] = candidate[better]
+            losses = torch.where(better, candidate_losses, losses)
+    return vectors, losses

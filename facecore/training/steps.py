@@ -18,9 +18,13 @@ class StepConfig:
 
     Attributes:
         grad_clip: clip the gradient norm at this value (0 = off).
+        colour_jitter: parser only: per-image channel gain spread (±half of it) and
+            brightness shift spread, so the parser keys on shapes rather than on
+            the rig's palette, which real photos do not share (0 = off).
     """
 
     grad_clip: float = 5.0
+    colour_jitter: float = 0.3
 
 
 def _optimise(model: nn.Module, optimiser: torch.optim.Optimizer, loss: torch.Tensor, cfg: StepConfig) -> None:
@@ -52,9 +56,18 @@ def parser_step(models: Mapping[str, nn.Module], opts: Mapping[str, torch.optim.
     """
     parser = models["parser"]
     parser.train()
-    loss = F.cross_entropy(parser(batch["image"]), batch["mask"], ignore_index=IGNORE)
+    images = jitter_colours(batch["image"], cfg.colour_jitter) if cfg.colour_jitter > 0 else batch["image"]
+    loss = F.cross_entropy(parser(images), batch["mask"], ignore_index=IGNORE)
     _optimise(parser, opts["parser"], loss, cfg)
     return {"cross_entropy": float(loss.detach())}
+
+
+def jitter_colours(images: torch.Tensor, spread: float) -> torch.Tensor:
+    """Random per-image channel gains in 1 ± spread/2 and a brightness shift in ±spread/3."""
+    batch = images.shape[0]
+    gains = 1.0 + spread * (torch.rand(batch, 3, 1, 1, device=images.device) - 0.5)
+    shifts = (2.0 * spread / 3.0) * (torch.rand(batch, 1, 1, 1, device=images.device) - 0.5)
+    return (images * gains + shifts).clamp(0.0, 1.0)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -44,16 +46,19 @@ def test_every_image_improves_and_stays_in_range(models, targets):
 
 def test_result_does_not_depend_on_the_batch(models, targets):
     schema, imitator, parser = models
+    # In float64: in float32 the summation order of a batched convolution differs
+    # from a single image's, and Adam's normalised steps amplify that rounding.
+    imitator64, parser64 = copy.deepcopy(imitator).double(), copy.deepcopy(parser).double()
     config = PinchConfig(max_iterations=15)
-    together = pinch(imitator, parser, targets, schema, config)
-    alone = pinch(imitator, parser, targets[2:3], schema, config)
-    assert np.abs(together.params[2] - alone.params[0]).max() < 1e-4
+    together = pinch(imitator64, parser64, targets.double(), schema, config)
+    alone = pinch(imitator64, parser64, targets[2:3].double(), schema, config)
+    assert np.abs(together.params[2] - alone.params[0]).max() < 1e-6
     assert together.iterations[2] == alone.iterations[0]
 
 
 def test_stopping_rules(models, targets):
     schema, imitator, parser = models
-    start = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=0))
+    start = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=0, try_styles=False))
     assert (start.iterations == 0).all() and np.allclose(start.loss_start, start.loss_end)
     assert np.allclose(start.params, schema.reference_vector())
     reached = pinch(imitator, parser, targets, schema,
@@ -81,3 +86,31 @@ def test_held_parameters_stay_at_the_reference(models, targets):
         assert (result.params[:, index] == schema.reference_vector()[index]).all()
     with pytest.raises(ValueError, match=r"hold: \['nose_size'\]"):
         pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=1, hold=("nose_size",)))
+
+
+def test_trying_styles_recovers_the_styles_of_an_imitated_target(models):
+    schema, imitator, parser = models
+    truth = np.tile(schema.reference_vector(), (3, 1))
+    for row, choice in enumerate((1, 2, 3)):  # a non-default choice in every group
+        for group in schema.discrete:
+            block = schema.group_slice(group.name)
+            truth[row, block] = np.eye(group.size)[choice % group.size]
+    with torch.no_grad():
+        targets = imitator(torch.from_numpy(truth).float())
+    tried = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=0, try_styles=True))
+    assert np.array_equal(tried.params, truth.astype(np.float32))
+    assert np.allclose(tried.loss_end, 0.0, atol=1e-6)
+    default = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=0, try_styles=False))
+    assert (default.loss_end > tried.loss_end + 1e-4).all()
+
+
+def test_prior_keeps_parameters_nearer_the_reference(models, targets):
+    schema, imitator, parser = models
+    reference = schema.reference_vector()[: schema.continuous_size]
+
+    def drift(weight: float) -> float:
+        result = pinch(imitator, parser, targets, schema, PinchConfig(max_iterations=20, prior_weight=weight))
+        return float(np.abs(result.params[:, : schema.continuous_size] - reference).mean())
+
+    free, pulled = drift(0.0), drift(1.0)
+    assert pulled < 0.5 * free, (free, pulled)

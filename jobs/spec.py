@@ -10,6 +10,7 @@ instance role (``AWS_ACCESS_KEY_ID``... for S3).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Union
 from urllib.parse import urlsplit
@@ -176,12 +177,16 @@ class PinchOptions(AlignOptions):
     method: Literal["similarity5", "affine68"] = "affine68"  # SPEC.md §4 aligns with 68 points
     size: int = Field(128, ge=32, le=2048)  # side of the stored aligned crop
     max_iterations: int = Field(100, ge=0)
-    learning_rate: float = Field(0.03, gt=0)
+    learning_rate: float = Field(0.1, gt=0)
     patience: int = Field(12, ge=1)
     min_improvement: float = Field(2e-3, ge=0)
     target_loss: float = Field(0.0, ge=0)
+    prior_weight: float = Field(0.1, ge=0)  # pull towards the reference face; 0 = the seed's plain loss
+    try_styles: bool = True  # choose discrete styles by trying each one (start and snap)
     render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
-    hold: list[str] = Field(default_factory=list)  # parameters kept at the reference, e.g. [yaw, pitch, roll]
+    # Parameters kept at the reference. The shipped models learned frontal renders
+    # and photos arrive aligned to the frontal reference, so the pose is held.
+    hold: list[str] = Field(default_factory=lambda: ["yaw", "pitch", "roll"])
 
     @field_validator("hold")
     @classmethod
@@ -195,13 +200,15 @@ class PinchOptions(AlignOptions):
 
 
 class PinchModels(_Strict):
-    imitator: str  # checkpoint folder (config.json + model.safetensors), any URI
-    parser: str
+    # Checkpoint folders (config.json + model.safetensors), any URI; None: the
+    # models the project ships (facecore.presets), found on each worker.
+    imitator: str | None = None
+    parser: str | None = None
 
     @field_validator("imitator", "parser")
     @classmethod
-    def _model_uri(cls, value: str) -> str:
-        return _check_uri(value, "model")
+    def _model_uri(cls, value: str | None) -> str | None:
+        return value if value is None else _check_uri(value, "model")
 
 
 class PinchJob(_Strict):
@@ -211,7 +218,7 @@ class PinchJob(_Strict):
     input: InputSpec
     output: OutputSpec
     storage: StorageSpec = StorageSpec()
-    models: PinchModels
+    models: PinchModels = PinchModels()
     options: PinchOptions = PinchOptions()
     resources: ResourcesSpec = ResourcesSpec()
 
@@ -220,6 +227,7 @@ class TrainData(_Strict):
     renders: str  # a render job's output folder: (params, image, mask) rows
     photos: str | None = None  # parser only: an align job's output; masks come from its landmarks
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
+    photo_repeat: int = Field(1, ge=1, le=10000)  # times each photo row appears per epoch
 
     @field_validator("renders", "photos")
     @classmethod
@@ -231,6 +239,7 @@ class TrainOptions(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
     learning_rate: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: anneal to 0 over the epochs
     image_size: int = Field(64, ge=16, le=512)  # renders are resized to this
     base_channels: int = Field(32, ge=4)
     seed: int = 0
@@ -287,7 +296,30 @@ def load_spec(path: str | Path) -> JobSpec:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid YAML/JSON: {exc}") from None
+    if isinstance(data, dict):
+        data = _anchor_local_paths(data, path.resolve().parent)
     return parse_spec(data, source=str(path))
+
+
+# Fields holding a location; relative local paths in a spec file are relative to
+# the file, so a spec means the same thing from any working directory (and on
+# Ray workers, whose working directory is not the driver's).
+_LOCATION_FIELDS = (("input", "manifest"), ("output", "path"), ("data", "renders"), ("data", "photos"),
+                    ("models", "imitator"), ("models", "parser"), ("options", "rig"))
+
+
+def _anchor_local_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    data = dict(data)
+    for section, field in _LOCATION_FIELDS:
+        block = data.get(section)
+        if not isinstance(block, dict) or not isinstance(block.get(field), str):
+            continue
+        value = block[field].strip()
+        scheme = urlsplit(value).scheme
+        if not value or (len(scheme) > 1) or Path(value).is_absolute():
+            continue  # URIs (s3://, file://) and absolute paths stand as written
+        data[section] = {**block, field: os.path.normpath(folder / value)}
+    return data
 
 
 def _describe(error: dict[str, Any]) -> str:

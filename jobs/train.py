@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import posixpath
 import tempfile
@@ -41,7 +42,7 @@ def _model_for(spec: TrainJob, param_dim: int) -> torch.nn.Module:
     if spec.model == "imitator":
         return Imitator(ImitatorConfig(param_dim=param_dim, image_size=spec.options.image_size,
                                        base_channels=spec.options.base_channels))
-    return FaceParser(ParsingConfig(base_channels=max(8, spec.options.base_channels // 2)))
+    return FaceParser(ParsingConfig(base_channels=spec.options.base_channels))
 
 
 def _to_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -110,9 +111,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
     size = spec.options.image_size
+    steps_per_epoch = max(1, config["train_rows"] // (spec.options.batch_size * spec.resources.num_workers))
     for epoch in range(start_epoch, spec.options.epochs):
         losses = []
-        for raw in train_shard.iter_batches(batch_size=spec.options.batch_size, batch_format="numpy"):
+        for index, raw in enumerate(train_shard.iter_batches(batch_size=spec.options.batch_size,
+                                                            batch_format="numpy")):
+            if spec.options.schedule == "cosine":
+                # Derived from (epoch, step) alone, so a resumed run continues the curve.
+                progress = min(1.0, (epoch + index / steps_per_epoch) / spec.options.epochs)
+                for group in optimiser.param_groups:
+                    group["lr"] = spec.options.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
             metrics = step({name: model}, {name: optimiser}, _to_tensors(raw, size, device))
             losses.append(next(iter(metrics.values())))
         scores = []
@@ -158,6 +166,12 @@ def _latest_checkpoint(storage: str, name: str, filesystem: pafs.FileSystem):
     return ray.train.Checkpoint(complete[-1], filesystem=filesystem) if complete else None
 
 
+def _checkpoint_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, "state.json")) as handle:
+            return json.load(handle)
+
+
 def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     """Run a training job; return the last epoch's metrics and where the model is."""
     import ray.train
@@ -186,7 +200,10 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
                                         columns=["key", "status", "aligned", "aligned_landmarks"],
                                         ray_remote_args=io)
         aligned = aligned.filter(lambda row: row["status"] == "ok", **io)
-        dataset = dataset.union(aligned.map_batches(photo_rows, batch_format="numpy", **io))
+        photo_data = aligned.map_batches(photo_rows, batch_format="numpy", **io)
+        # Real photos are few beside thousands of renders: repeating them keeps
+        # the real domain visible in every epoch (the parser step jitters colours).
+        dataset = dataset.union(*[photo_data] * spec.data.photo_repeat)
     threshold = int(spec.data.validation_fraction * 1000)
     holdout = lambda row: zlib.crc32(row["key"].encode()) % 1000 < threshold  # noqa: E731
     # Materialised before the workers start: with the workers holding the CPUs,
@@ -204,25 +221,33 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
         # Workers that claim every CPU starve the Ray Data tasks that feed them.
         total = ray.cluster_resources().get("CPU", 1.0)
         cpus = max(0.1, min(1.0, (total - 0.5) / spec.resources.num_workers))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
-        # complete checkpoint of an earlier run itself.
-        train_loop_config={"spec": spec.model_dump(), "param_dim": default_schema().vector_size,
-                           "resume_from": _latest_checkpoint(storage_path, name, output.arrow_fs)},
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.resources.num_workers, use_gpu=spec.resources.use_gpu,
-                                               resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=output.arrow_fs),
-        datasets={"train": train_rows, "validation": validation_rows},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
+    resume = _latest_checkpoint(storage_path, name, output.arrow_fs)
+    done = _checkpoint_state(resume) if resume is not None else None
+    if done is not None and done["epoch"] + 1 >= spec.options.epochs:
+        # Every epoch is already in the output (e.g. a rerun of a finished job):
+        # export the last checkpoint instead of starting workers for nothing.
+        log.info("all %d epochs already trained in %s", spec.options.epochs, storage_path)
+        checkpoint, metrics = resume, done
+    else:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
+            # complete checkpoint of an earlier run itself.
+            train_loop_config={"spec": spec.model_dump(), "param_dim": default_schema().vector_size,
+                               "train_rows": train_rows.count(), "resume_from": resume},
+            scaling_config=ray.train.ScalingConfig(num_workers=spec.resources.num_workers,
+                                                   use_gpu=spec.resources.use_gpu, resources_per_worker={"CPU": cpus}),
+            run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=output.arrow_fs),
+            datasets={"train": train_rows, "validation": validation_rows},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
+    with checkpoint.as_directory() as folder:
         model = weights.load_model(Imitator if spec.model == "imitator" else FaceParser,
                                    os.path.join(folder, MODEL_DIR))
     destination = output.join(MODEL_DIR).uri
-    weights.save_model(model, destination, extra=dict(result.metrics or {}),
-                       storage_options=fsspec_options(spec.storage, destination))
-    return {"metrics": dict(result.metrics or {}), "model": destination}
+    weights.save_model(model, destination, extra=metrics, storage_options=fsspec_options(spec.storage, destination))
+    return {"metrics": metrics, "model": destination}

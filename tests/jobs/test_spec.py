@@ -54,3 +54,27 @@ def test_load_yaml_and_json(tmp_path):
         load_spec(tmp_path / "b.json")
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_relative_local_paths_are_relative_to_the_spec_file(tmp_path, monkeypatch):
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "p.yaml").write_text(yaml.safe_dump({
+        "kind": "pinch", "input": {"manifest": "../in/m.parquet"}, "output": {"path": "out"},
+        "models": {"imitator": "s3://bucket/imitator", "parser": str(tmp_path / "parser")},
+    }))
+    monkeypatch.chdir(tmp_path.parent)  # the working directory must not matter
+    spec = load_spec(folder / "p.yaml")
+    assert spec.input.manifest == str(tmp_path / "in" / "m.parquet")
+    assert spec.output.path == str(folder / "out")
+    assert spec.models.imitator == "s3://bucket/imitator"  # URIs and absolute paths stand as written
+    assert spec.models.parser == str(tmp_path / "parser")
+
+
+def test_pinch_defaults_to_the_shipped_models_and_a_frontal_hold():
+    spec = parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+    assert spec.models.imitator is None and spec.models.parser is None
+    assert spec.options.hold == ["yaw", "pitch", "roll"] and spec.options.method == "affine68"
+    with pytest.raises(SpecError, match=r"data\.photo_repeat"):
+        parse_spec({"kind": "train", "model": "parser", "data": {"renders": "r", "photo_repeat": 0},
+                    "output": {"path": "o"}})

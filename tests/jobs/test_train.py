@@ -53,6 +53,9 @@ def test_two_worker_training_improves_and_resumes(ray_cluster, tmp_path):
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["epoch"] == 3
 
+    finished = train(parse_spec(spec))  # a rerun of a finished job exports, trains nothing
+    assert finished["metrics"]["epoch"] == 3 and len(_checkpoints(tmp_path / "imitator")) == 4
+
 
 def test_parser_trains_on_renders_and_landmark_masked_photos(ray_cluster, photos, tmp_path):
     from jobs.manifest import write_manifest
@@ -66,9 +69,9 @@ def test_parser_trains_on_renders_and_landmark_masked_photos(ray_cluster, photos
     result = train(parse_spec({
         "kind": "train", "model": "parser",
         "data": {"renders": str(tmp_path / "renders"), "photos": str(tmp_path / "aligned"),
-                 "validation_fraction": 0.2},
+                 "validation_fraction": 0.2, "photo_repeat": 3},
         "output": {"path": str(tmp_path / "parser")},
-        "options": {"epochs": 2, "batch_size": 8, "image_size": 32, "base_channels": 16},
+        "options": {"epochs": 2, "batch_size": 8, "image_size": 32, "base_channels": 8},
         "resources": {"num_workers": 2},
     }))
     assert result["metrics"]["epoch"] == 1 and 0.0 <= result["metrics"]["validation"] <= 1.0

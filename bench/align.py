@@ -14,6 +14,10 @@ by timing a second, smaller job: (N - n) / (T_N - T_n).
 
 from __future__ import annotations
 
+from jobs.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before ray is imported
+
 import argparse
 import tempfile
 import time

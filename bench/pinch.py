@@ -5,12 +5,21 @@ All in one run on the same models and the same aligned sample photos:
    fixed number of iterations (stopping rule off);
 2. the default stopping rule's mean iterations per image, and the relative gap of
    its final loss to a 400-iteration run of the same optimiser;
-3. the ``pinch`` job on Ray (2 CPUs) vs the plain batched loop over the same photos.
+3. the ``pinch`` job on Ray (2 CPUs) vs a plain loop doing the same work in one
+   process: read, detect, align, pinch in batches of 32, encode the preview and
+   the rig render.
 
-    python bench/pinch.py --imitator DIR --parser DIR [--images 64] [--iterations 40]
+The optimiser settings are the pinch job's defaults. Models default to the
+shipped presets.
+
+    python bench/pinch.py [--imitator DIR] [--parser DIR] [--images 128] [--iterations 40]
 """
 
 from __future__ import annotations
+
+from jobs.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before ray is imported
 
 import argparse
 import tempfile
@@ -24,43 +33,65 @@ import torch
 
 from facecore import weights
 from facecore.face import DetectorConfig, FaceDetector
-from facecore.images import decode
+from facecore.images import decode, encode_png
 from facecore.methods.pinch import PinchConfig, pinch
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
-from facecore.rig import default_schema, reference_face
+from facecore.presets import preset_path
+from facecore.rig import Renderer, default_schema, reference_face
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
 from jobs.samples import sample_photos
-from jobs.spec import parse_spec
+from jobs.spec import PinchOptions, parse_spec
+from jobs.stages import pinch_config
 
 
-def aligned_targets(size: int, count: int) -> tuple[torch.Tensor, list[Path]]:
-    detector = FaceDetector(DetectorConfig(), reference=reference_face(size), align_method="affine68")
-    photos = list(sample_photos().values())
+def align_photos(paths: list[Path], size: int, detector: FaceDetector) -> torch.Tensor:
     crops = []
-    for path in photos:
+    for path in paths:
         image = decode(path.read_bytes()).rgb
         crops.append(detector.align(image, detector(image)[0].landmarks).image)
-    chosen = [crops[i % len(crops)] for i in range(count)]
-    tensor = torch.from_numpy(np.stack(chosen)).permute(0, 3, 1, 2).float() / 255.0
-    return tensor, [photos[i % len(photos)] for i in range(count)]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def plain_loop(paths: list[Path], imitator, face_parser, schema, config: PinchConfig, render_size: int) -> int:
+    """What the job does, without Ray: one process, photo by photo then batch by batch."""
+    size = imitator.config.image_size
+    detector = FaceDetector(DetectorConfig(), reference=reference_face(size), align_method="affine68")
+    renderer = Renderer(schema)
+    written = 0
+    for start in range(0, len(paths), 32):
+        targets = align_photos(paths[start:start + 32], size, detector)
+        result = pinch(imitator, face_parser, targets, schema, config)
+        with torch.no_grad():
+            previews = (imitator(torch.from_numpy(result.params)).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1)
+        for params, preview in zip(result.params, previews.numpy()):
+            written += len(encode_png(preview)) + len(encode_png(renderer.render(params, render_size).image))
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--imitator", required=True)
-    parser.add_argument("--parser", required=True)
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--imitator", default=None, help="model folder (default: the shipped preset)")
+    parser.add_argument("--parser", default=None, help="model folder (default: the shipped preset)")
+    parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=40)
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
-    imitator = weights.load_model(Imitator, args.imitator).eval()
-    face_parser = weights.load_model(FaceParser, args.parser).eval()
+    imitator_uri = args.imitator or preset_path("imitator")
+    parser_uri = args.parser or preset_path("parser")
+    imitator = weights.load_model(Imitator, imitator_uri).eval()
+    face_parser = weights.load_model(FaceParser, parser_uri).eval()
     schema = default_schema()
-    targets, paths = aligned_targets(imitator.config.image_size, args.images)
-    fixed = PinchConfig(max_iterations=args.iterations, patience=10**9)
+    options = PinchOptions()
+    default = pinch_config(options)
+    photos = list(sample_photos().values())
+    paths = [photos[i % len(photos)] for i in range(args.images)]
+    size = imitator.config.image_size
+    targets = align_photos(paths, size, FaceDetector(DetectorConfig(), reference=reference_face(size),
+                                                     align_method="affine68"))
+    fixed = replace(default, max_iterations=args.iterations, patience=10**9)
 
     started = time.perf_counter()
     for start in range(0, len(targets), 32):
@@ -72,15 +103,13 @@ def main() -> None:
     sequential_ips = len(targets) / (time.perf_counter() - started)
     print(f"{args.iterations} iterations: batched {batched_ips:.2f} img/s, one at a time {sequential_ips:.2f} img/s")
 
-    default = PinchConfig()
     stopped = pinch(imitator, face_parser, targets[:32], schema, default)
     long = pinch(imitator, face_parser, targets[:32], schema, replace(default, max_iterations=400, patience=10**9))
     gap = float(np.mean((stopped.loss_end - long.loss_end) / np.maximum(long.loss_end, 1e-12)))
     print(f"default stop: {stopped.iterations.mean():.1f} iterations per image; loss gap to 400 iterations {gap:+.2%}")
 
     started = time.perf_counter()
-    for start in range(0, len(targets), 32):
-        pinch(imitator, face_parser, targets[start:start + 32], schema, default)
+    plain_loop(paths, imitator, face_parser, schema, default, options.render_size)
     plain_seconds = time.perf_counter() - started
 
     import ray
@@ -92,15 +121,15 @@ def main() -> None:
         write_manifest([str(p) for p in paths], str(manifest), keys=[f"k{i:05d}" for i in range(len(paths))])
         spec = parse_spec({"kind": "pinch", "input": {"manifest": str(manifest)},
                            "output": {"path": str(Path(scratch) / "out")},
-                           "models": {"imitator": args.imitator, "parser": args.parser},
-                           "options": {"size": imitator.config.image_size},
+                           "models": {"imitator": imitator_uri, "parser": parser_uri},
+                           "options": {"size": size},
                            "resources": {"batch_size": 32, "concurrency": 1}})
         started = time.perf_counter()
         summary = run(spec, progress=False)
         job_seconds = time.perf_counter() - started
     ray.shutdown()
     assert summary.ok_rows == len(paths), summary
-    print(f"pinch job on Ray: {len(paths) / job_seconds:.2f} img/s; plain batched loop {len(paths) / plain_seconds:.2f}")
+    print(f"pinch job on Ray: {len(paths) / job_seconds:.2f} img/s; plain loop {len(paths) / plain_seconds:.2f}")
     print(f"RESULT batched_ips={batched_ips:.2f} sequential_ips={sequential_ips:.2f} "
           f"ratio={batched_ips / sequential_ips:.2f} iters_mean={stopped.iterations.mean():.1f} "
           f"loss_gap={gap:.4f} job_vs_plain={plain_seconds / job_seconds:.2f}")

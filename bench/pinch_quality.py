@@ -7,7 +7,10 @@
    each aligned photo and the rig render of its result, beside the same error for
    the reference face.
 
-    python bench/pinch_quality.py --imitator DIR --parser DIR [--renders 200]
+The optimiser settings are the pinch job's defaults; models default to the
+shipped presets.
+
+    python bench/pinch_quality.py [--imitator DIR] [--parser DIR] [--renders 200]
 """
 
 from __future__ import annotations
@@ -21,28 +24,33 @@ from facecore import weights
 from facecore.face import DetectorConfig, FaceDetector
 from facecore.face.landmarks import eye_centres
 from facecore.images import decode
-from facecore.methods.pinch import PinchConfig, pinch
+from facecore.methods.pinch import pinch
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
+from facecore.presets import preset_path
 from facecore.rig import Renderer, default_schema, reference_face
 from jobs.samples import sample_photos
+from jobs.spec import PinchOptions
+from jobs.stages import pinch_config
 
 FRONTAL = {"yaw": 0.5, "pitch": 0.5, "roll": 0.5}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--imitator", required=True)
-    parser.add_argument("--parser", required=True)
+    parser.add_argument("--imitator", default=None, help="model folder (default: the shipped preset)")
+    parser.add_argument("--parser", default=None, help="model folder (default: the shipped preset)")
     parser.add_argument("--renders", type=int, default=200)
     parser.add_argument("--seed", type=int, default=12345)
-    parser.add_argument("--hold", default="yaw,pitch,roll",
-                        help="parameters held at the reference (presets train on frontal renders)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
+                        help="override pinch options, e.g. learning_rate=0.03 prior_weight=0")
     args = parser.parse_args()
-    config = PinchConfig(hold=tuple(n for n in args.hold.split(",") if n))
+    overrides = dict(item.split("=", 1) for item in args.set)
+    config = pinch_config(PinchOptions.model_validate({**PinchOptions().model_dump(), **overrides}))
+    print(f"optimiser: {config}")
 
-    imitator = weights.load_model(Imitator, args.imitator).eval()
-    face_parser = weights.load_model(FaceParser, args.parser).eval()
+    imitator = weights.load_model(Imitator, args.imitator or preset_path("imitator")).eval()
+    face_parser = weights.load_model(FaceParser, args.parser or preset_path("parser")).eval()
     schema, renderer = default_schema(), Renderer()
     size = imitator.config.image_size
 

@@ -13,6 +13,10 @@
 
 from __future__ import annotations
 
+from jobs.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before ray is imported
+
 import argparse
 import tempfile
 import time

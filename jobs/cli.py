@@ -93,8 +93,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
-    summary = run_demo(Path(args.output), progress=not args.no_progress)
-    print(format_summary(summary))
+    for spec_path, summary in run_demo(Path(args.output), progress=not args.no_progress):
+        print(f"== {spec_path.stem}")
+        print(format_summary(summary))
+    return 0
+
+
+def cmd_sample_photos(args: argparse.Namespace) -> int:
+    from jobs.manifest import write_manifest
+    from jobs.samples import sample_photos
+
+    folder = Path(args.folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, path in sorted(sample_photos().items()):
+        if name in args.exclude:
+            continue
+        (folder / name).write_bytes(path.read_bytes())
+        names.append(name)
+    manifest = folder / "manifest.parquet"
+    write_manifest(names, str(manifest))
+    print(f"{len(names)} sample photos and their manifest -> {manifest}")
     return 0
 
 
@@ -142,10 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate_parser.add_argument("spec")
     validate_parser.set_defaults(handler=cmd_validate)
 
-    demo_parser = commands.add_parser("demo", help="run an align job over sample photos")
+    demo_parser = commands.add_parser("demo", help="run an align and a pinch job over sample photos")
     demo_parser.add_argument("--output", default="demo-output", help="folder for inputs and results")
     demo_parser.add_argument("--no-progress", action="store_true")
     demo_parser.set_defaults(handler=cmd_demo)
+
+    samples_parser = commands.add_parser("sample-photos",
+                                         help="copy the sample photos (fetched from PyPI) and a manifest into a folder")
+    samples_parser.add_argument("folder")
+    samples_parser.add_argument("--exclude", nargs="*", default=[], help="file names to leave out")
+    samples_parser.set_defaults(handler=cmd_sample_photos)
 
     sheet_parser = commands.add_parser("rig-sheet", help="a contact sheet of random rig renders and masks")
     sheet_parser.add_argument("--out", default="rig_sheet.png", help="PNG file to write")
@@ -160,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "train", "demo") and not getattr(args, "address", None):
+        from jobs.loopback import keep_local_ray_on_loopback
+
+        keep_local_ray_on_loopback()  # before anything imports ray
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,8 +1,10 @@
-"""The demo: an align job over real sample photos and a few broken files.
+"""The demo: an align job and a pinch job over real sample photos and broken files.
 
 Everything runs on embedded defaults: a local Ray, local files, dlib's packaged
-models. The inputs are the sample photos of :mod:`jobs.samples` plus the
-bad-input corpus, so the output shows every status a real job produces.
+models and the imitator and parser the project ships (``facecore.presets``). The
+inputs are the sample photos of :mod:`jobs.samples` plus the bad-input corpus, so
+the output shows every status a real job produces; the pinch output gets an HTML
+contact sheet.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from jobs.samples import bad_input_corpus, sample_photos, write_corpus
 from jobs.spec import load_spec
 
 
-def prepare_demo(folder: Path) -> Path:
-    """Write inputs, a manifest and a spec under ``folder``; return the spec path."""
+def prepare_demo(folder: Path) -> list[Path]:
+    """Write inputs, a manifest and the job specs under ``folder``; return the spec paths."""
     folder = folder.resolve()
     photos = sample_photos()
     inputs = folder / "inputs"
@@ -39,14 +41,32 @@ def prepare_demo(folder: Path) -> Path:
         "options": {"faces": "all", "size": 256},
         "resources": {"concurrency": 2, "batch_size": 4},
     }
-    spec_path = folder / "align.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return spec_path
+    pinch = {
+        "kind": "pinch",  # no models: the shipped presets
+        "input": {"manifest": str(folder / "manifest.parquet")},
+        "output": {"path": str(folder / "pinch")},
+        "options": {"faces": "all"},
+        "resources": {"concurrency": 1, "batch_size": 8},
+    }
+    paths = []
+    for name, document in (("align", spec), ("pinch", pinch)):
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        paths.append(path)
+    return paths
 
 
-def run_demo(folder: Path, progress: bool = True) -> RunSummary:
+def run_demo(folder: Path, progress: bool = True) -> list[tuple[Path, RunSummary]]:
+    """Run the demo's jobs in turn; return each spec with its summary."""
     from jobs.pipeline import run
+    from jobs.report import write_report
 
-    spec_path = prepare_demo(folder)
-    print(f"demo spec: {spec_path}")
-    return run(load_spec(spec_path), progress=progress)
+    results = []
+    for spec_path in prepare_demo(folder):
+        print(f"demo spec: {spec_path}")
+        spec = load_spec(spec_path)
+        summary = run(spec, progress=progress)
+        results.append((spec_path, summary))
+        if spec.kind == "pinch":
+            print(f"pinch contact sheet: {write_report(spec.output.path)}")
+    return results

@@ -80,6 +80,17 @@ def _cpu_actor_cpus(spec: JobSpec, pools: int = 1) -> float:
     return max(0.1, min(1.0, (total - CPU_RESERVE) / (spec.resources.concurrency * pools)))
 
 
+def _model_threads(spec: JobSpec) -> int:
+    """Torch threads of a CPU model actor: the node's cores shared by the model actors.
+
+    Ray gives an actor with a fractional CPU claim one thread, but the CPU actors
+    of the align pool finish long before the optimiser does; the model actors
+    then have the cores to themselves, and the optimiser scales with threads.
+    """
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, int(total // spec.resources.concurrency))
+
+
 def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) -> dict[str, str]:
     return {
         "facejobs.kind": spec.kind,
@@ -177,7 +188,8 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Datas
             Chain,
             fn_constructor_kwargs={"stages": [
                 (PinchStage, {"imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser,
-                              "options": spec.options, "storage": spec.storage}),
+                              "options": spec.options, "storage": spec.storage,
+                              "cpu_threads": _model_threads(spec)}),
                 (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
             ]},
             batch_size=resources.batch_size,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from typing import Any, Mapping
+import os
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,9 @@ from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
 from jobs.spec import AlignOptions, PinchOptions, RenderOptions, StorageSpec
 from jobs.storage import fsspec_options, locate
+
+if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
+    from facecore.methods.pinch import PinchConfig
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +306,16 @@ PINCH_SCHEMA = pa.schema(list(ALIGN_SCHEMA) + [
 ])
 
 
+def pinch_config(options: PinchOptions) -> PinchConfig:
+    """The optimiser settings of a pinch spec's options."""
+    from facecore.methods.pinch import PinchConfig
+
+    return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
+                       patience=options.patience, min_improvement=options.min_improvement,
+                       target_loss=options.target_loss, prior_weight=options.prior_weight,
+                       try_styles=options.try_styles, hold=tuple(options.hold))
+
+
 class PinchStage:
     """Pinch every aligned face of a batch at once; rows that failed upstream pass through.
 
@@ -309,30 +323,32 @@ class PinchStage:
     one (``num_gpus`` from the spec) and on the CPU otherwise.
     """
 
-    def __init__(self, imitator_uri: str, parser_uri: str, options: PinchOptions | None = None,
-                 storage: StorageSpec | None = None) -> None:
+    def __init__(self, imitator_uri: str | None, parser_uri: str | None, options: PinchOptions | None = None,
+                 storage: StorageSpec | None = None, cpu_threads: int | None = None) -> None:
         import torch
 
         from facecore import weights
-        from facecore.methods.pinch import PinchConfig
         from facecore.models.imitator import Imitator
         from facecore.models.parsing import FaceParser
+        from facecore.presets import preset_path
         from facecore.rig import Renderer, default_schema
 
+        imitator_uri = imitator_uri or preset_path("imitator")
+        parser_uri = parser_uri or preset_path("parser")
         self.options = options or PinchOptions()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         self.imitator = weights.load_model(Imitator, imitator_uri, self.device,
                                            fsspec_options(storage, imitator_uri)).eval()
-        self.parser = weights.load_model(FaceParser, parser_uri, self.device, fsspec_options(storage, parser_uri)).eval()
+        self.parser = weights.load_model(FaceParser, parser_uri, self.device,
+                                         fsspec_options(storage, parser_uri)).eval()
         self.schema = default_schema()
         if self.imitator.config.param_dim != self.schema.vector_size:
             raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
                              f"rig {self.schema.name} has {self.schema.vector_size}")
         self.renderer = Renderer(self.schema)
-        self.config = PinchConfig(max_iterations=self.options.max_iterations,
-                                  learning_rate=self.options.learning_rate, patience=self.options.patience,
-                                  min_improvement=self.options.min_improvement,
-                                  target_loss=self.options.target_loss, hold=tuple(self.options.hold))
+        self.config = pinch_config(self.options)
 
     def __call__(self, batch: Batch) -> pa.Table:
         import cv2

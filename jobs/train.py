@@ -67,8 +67,12 @@ def _to_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> 
     return tensors
 
 
-def photo_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Align-job rows → training rows: the aligned crop and a mask drawn from its landmarks."""
+def photo_rows(batch: dict[str, np.ndarray], repeat: int = 1) -> dict[str, np.ndarray]:
+    """Align-job rows → training rows: the aligned crop and a mask drawn from its landmarks.
+
+    Each row comes out ``repeat`` times (same key, so it stays on one side of the
+    validation split).
+    """
     from facecore.face.parsing_mask import landmark_mask
     from facecore.images import decode_png, encode_png
 
@@ -77,8 +81,9 @@ def photo_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         side = decode_png(data).shape[0]
         images.append(data)
         masks.append(encode_png(landmark_mask(np.asarray(points, np.float64).reshape(68, 2), side)))
-    return {"key": batch["key"], "status": batch["status"],
+    rows = {"key": batch["key"], "status": batch["status"],
             "image": np.array(images, dtype=object), "mask": np.array(masks, dtype=object)}
+    return {name: np.repeat(values, repeat, axis=0) for name, values in rows.items()}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -200,10 +205,10 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
                                         columns=["key", "status", "aligned", "aligned_landmarks"],
                                         ray_remote_args=io)
         aligned = aligned.filter(lambda row: row["status"] == "ok", **io)
-        photo_data = aligned.map_batches(photo_rows, batch_format="numpy", **io)
         # Real photos are few beside thousands of renders: repeating them keeps
         # the real domain visible in every epoch (the parser step jitters colours).
-        dataset = dataset.union(*[photo_data] * spec.data.photo_repeat)
+        dataset = dataset.union(aligned.map_batches(photo_rows, batch_format="numpy",
+                                                    fn_kwargs={"repeat": spec.data.photo_repeat}, **io))
     threshold = int(spec.data.validation_fraction * 1000)
     holdout = lambda row: zlib.crc32(row["key"].encode()) % 1000 < threshold  # noqa: E731
     # Materialised before the workers start: with the workers holding the CPUs,

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.samples import sample_photos as fetch_sample_photos
+from jobs.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before any test module imports ray
+
+from jobs.samples import sample_photos as fetch_sample_photos  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -62,21 +62,19 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
     assert again.processed_rows == 0 and again.output_rows == len(corpus)
 
 
-def test_pinch_spec_needs_models_and_known_held_parameters(tmp_path):
-    with pytest.raises(SpecError, match="models: required field is missing"):
-        parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+def test_pinch_spec_knows_its_held_parameters(tmp_path):
     with pytest.raises(SpecError, match=r"options\.hold: \['tail'\] are not continuous parameters"):
         parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
                     "models": {"imitator": "i", "parser": "p"}, "options": {"hold": ["yaw", "tail"]}})
 
 
-def test_report_is_a_self_contained_contact_sheet(ray_cluster, photos, checkpoints, tmp_path):
+def test_report_of_a_job_on_the_shipped_models(ray_cluster, photos, tmp_path):
     from jobs.cli import main
 
     write_manifest([str(photos["obama.jpg"]), str(tmp_path / "missing.jpg")], str(tmp_path / "m.parquet"))
-    spec = parse_spec({
+    spec = parse_spec({  # no models: the presets in facecore/presets
         "kind": "pinch", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": str(tmp_path / "out")},
-        "models": checkpoints, "options": {"max_iterations": 3, "size": 64, "render_size": 64},
+        "options": {"max_iterations": 3, "size": 64, "render_size": 64},
     })
     run(spec, progress=False)
     assert main(["report", str(tmp_path / "out")]) == 0

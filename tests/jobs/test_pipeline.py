@@ -144,3 +144,8 @@ def test_job_against_s3(ray_cluster, photos, s3_server):
                                         "s3://facejobs-test/photos/biden.jpg",
                                         "s3://facejobs-test/photos/missing.jpg"])
     assert not fs.exists("facejobs-test/out/align/_tmp") or not fs.ls("facejobs-test/out/align/_tmp")
+
+
+def test_local_ray_listens_on_loopback_only(ray_cluster):
+    nodes = ray_cluster.nodes()
+    assert [node["NodeManagerAddress"] for node in nodes] == ["127.0.0.1"]

@@ -49,8 +49,15 @@ def _photo(uri: str, storage: StorageSpec | None) -> str | None:
         return None
 
 
+REPORT_NAME = "_report.html"
+
+
 def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int = 200) -> str:
-    """Write ``report.html`` into the output folder; return its URI."""
+    """Write ``_report.html`` into the output folder; return its URI.
+
+    The leading underscore keeps Parquet readers (pandas, Ray Data, DuckDB) from
+    taking the page for a data file when they read the folder, as with ``_SUCCESS``.
+    """
     folder = OutputFolder(locate(output_uri, storage))
     parts = folder.parts()
     if not parts:
@@ -103,6 +110,6 @@ img{{max-width:{THUMBNAIL}px}} .p{{color:#555;font-size:11px}}</style>
 <h1>{html.escape(kind)} job: {html.escape(output_uri)}</h1>
 <p>{table.num_rows} rows shown (first {limit} by key).</p>
 <table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{''.join(rows_html)}</table>"""
-    target = folder.location.join("report.html")
+    target = folder.location.join(REPORT_NAME)
     write_atomic(target, document.encode("utf-8"))
     return target.uri

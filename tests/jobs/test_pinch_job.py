@@ -78,7 +78,8 @@ def test_report_of_a_job_on_the_shipped_models(ray_cluster, photos, tmp_path):
     })
     run(spec, progress=False)
     assert main(["report", str(tmp_path / "out")]) == 0
-    page = (tmp_path / "out" / "report.html").read_text()
+    page = (tmp_path / "out" / "_report.html").read_text()
+    assert len(pd.read_parquet(tmp_path / "out")) == 2  # the folder still reads as a table
     assert page.count("<tr>") == 3  # header + two rows
     assert page.count("data:image/jpeg;base64,") == 4  # photo, aligned, preview, render of the ok row
     assert "fetch_error" in page and "hair_style=" in page and "loss " in page

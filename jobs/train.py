@@ -195,7 +195,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     columns = ["key", "status", "params", "image", "mask"] if spec.model == "imitator" else \
         ["key", "status", "image", "mask"]
     dataset = ray.data.read_parquet([location.fs._strip_protocol(p) if location.scheme else p for p in parts],
-                                    filesystem=location.arrow_fs, columns=columns, ray_remote_args=io)
+                                    filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
     if spec.data.photos and spec.model == "parser":
         photos = locate(spec.data.photos, spec.storage)
@@ -203,7 +203,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
         aligned = ray.data.read_parquet([photos.fs._strip_protocol(p) if photos.scheme else p for p in photo_parts],
                                         filesystem=photos.arrow_fs,
                                         columns=["key", "status", "aligned", "aligned_landmarks"],
-                                        ray_remote_args=io)
+                                        **io)
         aligned = aligned.filter(lambda row: row["status"] == "ok", **io)
         # Real photos are few beside thousands of renders: repeating them keeps
         # the real domain visible in every epoch (the parser step jitters colours).

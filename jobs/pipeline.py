@@ -81,7 +81,8 @@ def _cpu_actor_cpus(spec: JobSpec, pools: int = 1) -> float:
 
 
 def _model_threads(spec: JobSpec) -> int:
-    """Torch threads of a CPU model actor: the node's cores shared by the model actors.
+    """Torch threads of a CPU model actor: the cluster's CPUs shared by the model
+    actors (each actor caps it at its node's core count).
 
     Ray gives an actor with a fractional CPU claim one thread, but the CPU actors
     of the align pool finish long before the optimiser does; the model actors

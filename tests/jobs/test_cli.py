@@ -23,3 +23,18 @@ def test_bad_spec_exit_code_and_message(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("kind: align\ninput: {manifest: m.csv}\noutput: {path: o}\nresources: {batch_size: -1}\n")
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
     assert "resources.batch_size:" in capsys.readouterr().err
+
+
+def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "== align" in out and "== pinch" in out
+    for job in ("aligned", "pinch"):
+        frame = pd.read_parquet(tmp_path / "demo" / job)
+        assert len(frame) == 19 and (frame.status == "ok").sum() == 12
+    pinched = pd.read_parquet(tmp_path / "demo" / "pinch")
+    ok = pinched[pinched.status == "ok"]
+    assert (ok.loss_end < ok.loss_start).all() and (ok.iterations <= 100).all()
+    assert (tmp_path / "demo" / "pinch" / "_report.html").is_file()

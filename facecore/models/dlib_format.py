@@ -133,7 +133,8 @@ def _details(reader: _Reader) -> DlibLayer:
         mode = reader.integer()
         disabled = reader.boolean() if name == "affine_2" else False
         count = int(np.prod(gamma))
-        return DlibLayer("affine", {"gamma": params[:count].copy(), "beta": params[count:count + int(np.prod(beta))].copy(),
+        beta_values = params[count:count + int(np.prod(beta))].copy()
+        return DlibLayer("affine", {"gamma": params[:count].copy(), "beta": beta_values,
                                     "mode": mode, "disabled": disabled})
     if name in ("relu_", "relu_2"):
         disabled = reader.boolean() if name == "relu_2" else False

@@ -20,7 +20,8 @@ def test_missing_manifest_fails_fast_naming_it(tmp_path, capsys):
 
 
 def test_bad_spec_exit_code_and_message(tmp_path, capsys):
-    (tmp_path / "s.yaml").write_text("kind: align\ninput: {manifest: m.csv}\noutput: {path: o}\nresources: {batch_size: -1}\n")
+    (tmp_path / "s.yaml").write_text(
+        "kind: align\ninput: {manifest: m.csv}\noutput: {path: o}\nresources: {batch_size: -1}\n")
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
     assert "resources.batch_size:" in capsys.readouterr().err
 

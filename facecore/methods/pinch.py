@@ -142,30 +142,29 @@ def pinch(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema:
 
 def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema: RigSchema,
               config: PinchConfig) -> PinchResult:
+    unknown = sorted(set(config.hold) - set(schema.continuous_names))
+    if unknown:
+        raise ValueError(f"hold: {unknown} are not continuous parameters of rig {schema.name}")
+    held = [schema.continuous_names.index(name) for name in config.hold]
     device = targets.device
     batch = targets.shape[0]
     with torch.no_grad():
         target_features = [t.detach() for t in parser.features(targets)]
-
-    start = torch.from_numpy(schema.reference_vector()).to(device=device, dtype=targets.dtype).repeat(batch, 1)
-    continuous = schema.continuous_size
+    reference = torch.from_numpy(schema.reference_vector()).to(device=device, dtype=targets.dtype)
+    neutral = reference[: schema.continuous_size]  # where the prior pulls and held parameters stay
 
     def loss_of(vector: torch.Tensor) -> torch.Tensor:
         loss = feature_loss(parser.features(imitator(vector)), target_features)
         if config.prior_weight > 0:
-            loss = loss + config.prior_weight * (vector[:, :continuous] - start[:1, :continuous]).abs().mean(dim=1)
+            loss = loss + config.prior_weight * (vector[:, : schema.continuous_size] - neutral).abs().mean(dim=1)
         return loss
 
+    start = reference.repeat(batch, 1)
     with torch.no_grad():
         loss_start = loss_of(start)
         if config.try_styles:
             start, _ = _try_styles(loss_of, start, loss_start, schema)
     variables = _Parameters(schema, start, config)
-    unknown = sorted(set(config.hold) - set(schema.continuous_names))
-    if unknown:
-        raise ValueError(f"hold: {unknown} are not continuous parameters of rig {schema.name}")
-    held = [schema.continuous_names.index(name) for name in config.hold]
-    reference = variables.continuous.detach().clone()
     optimiser = torch.optim.Adam(variables.parameters(), lr=config.learning_rate)
     best = loss_start.clone()
     stale = torch.zeros(batch, dtype=torch.long, device=device)
@@ -185,7 +184,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
         optimiser.step()
         with torch.no_grad():
             variables.continuous.clamp_(0.0, 1.0)  # the projection onto [0, 1]
-            variables.continuous[:, held] = reference[:, held]
+            variables.continuous[:, held] = neutral[held]
             for parameter, before in zip(variables.parameters(), frozen):
                 parameter[~active] = before[~active]  # finished images stay put
             iterations += active.long()

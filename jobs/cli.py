@@ -101,16 +101,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_sample_photos(args: argparse.Namespace) -> int:
     from jobs.manifest import write_manifest
-    from jobs.samples import sample_photos
+    from jobs.samples import copy_sample_photos
 
     folder = Path(args.folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for name, path in sorted(sample_photos().items()):
-        if name in args.exclude:
-            continue
-        (folder / name).write_bytes(path.read_bytes())
-        names.append(name)
+    names = [path.name for path in copy_sample_photos(folder, exclude=tuple(args.exclude))]
     manifest = folder / "manifest.parquet"
     write_manifest(names, str(manifest))
     print(f"{len(names)} sample photos and their manifest -> {manifest}")

@@ -15,7 +15,7 @@ import yaml
 
 from jobs.manifest import write_manifest
 from jobs.output import RunSummary
-from jobs.samples import bad_input_corpus, sample_photos, write_corpus
+from jobs.samples import bad_input_corpus, copy_sample_photos, sample_photos, write_corpus
 from jobs.spec import load_spec
 
 
@@ -24,12 +24,7 @@ def prepare_demo(folder: Path) -> list[Path]:
     folder = folder.resolve()
     photos = sample_photos()
     inputs = folder / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    uris = []
-    for name, path in sorted(photos.items()):
-        target = inputs / name
-        target.write_bytes(path.read_bytes())
-        uris.append(f"inputs/{name}")
+    uris = [f"inputs/{path.name}" for path in copy_sample_photos(inputs)]
     corpus = bad_input_corpus(photos["obama.jpg"], photos["biden.jpg"])
     for path in write_corpus(inputs / "corpus", corpus):
         uris.append(f"inputs/corpus/{path.name}")

@@ -165,6 +165,17 @@ def bad_input_corpus(photo: Path, second_photo: Path) -> dict[str, tuple[bytes |
     }
 
 
+def copy_sample_photos(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Copy the sample photos (but ``exclude``) into a folder; returns their new paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for name, path in sorted(sample_photos().items()):
+        if name not in exclude:
+            (folder / name).write_bytes(path.read_bytes())
+            copies.append(folder / name)
+    return copies
+
+
 def write_corpus(folder: Path, corpus: dict[str, tuple[bytes | None, str]]) -> list[Path]:
     """Write a corpus to a folder; returns every path, missing ones included."""
     folder.mkdir(parents=True, exist_ok=True)

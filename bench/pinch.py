@@ -30,15 +30,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from pinch_inputs import align_largest_face, as_batch, pinch_aligner
 
 from facecore import weights
-from facecore.face import DetectorConfig, FaceDetector
-from facecore.images import decode, encode_png
+from facecore.images import encode_png
 from facecore.methods.pinch import PinchConfig, pinch
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
 from facecore.presets import preset_path
-from facecore.rig import Renderer, default_schema, reference_face
+from facecore.rig import Renderer, default_schema
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
 from jobs.samples import sample_photos
@@ -46,22 +46,13 @@ from jobs.spec import PinchOptions, parse_spec
 from jobs.stages import pinch_config
 
 
-def align_photos(paths: list[Path], size: int, detector: FaceDetector) -> torch.Tensor:
-    crops = []
-    for path in paths:
-        image = decode(path.read_bytes()).rgb
-        crops.append(detector.align(image, detector(image)[0].landmarks).image)
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
-
-
 def plain_loop(paths: list[Path], imitator, face_parser, schema, config: PinchConfig, render_size: int) -> int:
     """What the job does, without Ray: one process, photo by photo then batch by batch."""
-    size = imitator.config.image_size
-    detector = FaceDetector(DetectorConfig(), reference=reference_face(size), align_method="affine68")
+    detector = pinch_aligner(imitator.config.image_size)
     renderer = Renderer(schema)
     written = 0
     for start in range(0, len(paths), 32):
-        targets = align_photos(paths[start:start + 32], size, detector)
+        targets = as_batch([align_largest_face(detector, path).image for path in paths[start:start + 32]])
         result = pinch(imitator, face_parser, targets, schema, config)
         with torch.no_grad():
             previews = (imitator(torch.from_numpy(result.params)).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1)
@@ -89,8 +80,8 @@ def main() -> None:
     photos = list(sample_photos().values())
     paths = [photos[i % len(photos)] for i in range(args.images)]
     size = imitator.config.image_size
-    targets = align_photos(paths, size, FaceDetector(DetectorConfig(), reference=reference_face(size),
-                                                     align_method="affine68"))
+    detector = pinch_aligner(size)
+    targets = as_batch([align_largest_face(detector, path).image for path in paths])
     fixed = replace(default, max_iterations=args.iterations, patience=10**9)
 
     started = time.perf_counter()

@@ -19,16 +19,15 @@ import argparse
 
 import numpy as np
 import torch
+from pinch_inputs import align_largest_face, as_batch, pinch_aligner
 
 from facecore import weights
-from facecore.face import DetectorConfig, FaceDetector
 from facecore.face.landmarks import eye_centres
-from facecore.images import decode
 from facecore.methods.pinch import pinch
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
 from facecore.presets import preset_path
-from facecore.rig import Renderer, default_schema, reference_face
+from facecore.rig import Renderer, default_schema
 from jobs.samples import sample_photos
 from jobs.spec import PinchOptions
 from jobs.stages import pinch_config
@@ -76,22 +75,17 @@ def main() -> None:
           f"({', '.join(f'{g.name} {c:.0%}' for g, c in zip(schema.discrete, correct))})")
 
     # 2. real photos
-    reference_frame = reference_face(size)
-    detector = FaceDetector(DetectorConfig(), reference=reference_frame, align_method="affine68")
-    crops, photo_landmarks = [], []
-    for path in sample_photos().values():
-        image = decode(path.read_bytes()).rgb
-        aligned = detector.align(image, detector(image)[0].landmarks)
-        crops.append(aligned.image)
-        photo_landmarks.append(aligned.landmarks)
-    batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
+    detector = pinch_aligner(size)
+    faces = [align_largest_face(detector, path) for path in sample_photos().values()]
+    photo_landmarks = [face.landmarks for face in faces]
+    batch = as_batch([face.image for face in faces])
     result = pinch(imitator, face_parser, batch, schema, config)
     errors, reference_errors = [], []
     for params, points in zip(result.params, photo_landmarks):
         distance = np.linalg.norm(np.diff(eye_centres(points), axis=0))
         rendered = renderer.render(params, size).landmarks
         errors.append(np.linalg.norm(rendered - points, axis=1).mean() / distance)
-        reference_errors.append(np.linalg.norm(reference_frame.landmarks - points, axis=1).mean() / distance)
+        reference_errors.append(np.linalg.norm(detector.reference.landmarks - points, axis=1).mean() / distance)
     nme, reference_nme = float(np.mean(errors)), float(np.mean(reference_errors))
     print(f"photos: landmark error {nme:.3f} x eye distance vs reference face {reference_nme:.3f}")
     print(f"RESULT mae={mae:.4f} init_mae={init_mae:.4f} mae_ratio={mae / init_mae:.3f} "

@@ -16,15 +16,14 @@ import argparse
 
 import numpy as np
 import torch
+from pinch_inputs import align_largest_face, as_batch, pinch_aligner
 
 from facecore import weights
-from facecore.face import DetectorConfig, FaceDetector
 from facecore.face.parsing_mask import landmark_mask
-from facecore.images import decode
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
 from facecore.presets import preset_path
-from facecore.rig import Renderer, default_schema, reference_face
+from facecore.rig import Renderer, default_schema
 from facecore.training.steps import imitator_eval, parser_eval
 from jobs.samples import sample_photos
 
@@ -58,12 +57,11 @@ def main() -> None:
     print(f"imitator L1 on {args.renders} fresh renders: {l1:.4f} (untrained {l1_untrained:.4f})")
     print(f"parser mean IoU on the renders: {miou_renders:.3f}")
 
-    detector = FaceDetector(DetectorConfig(), reference=reference_face(size), align_method="affine68")
+    detector = pinch_aligner(size)
     scores: dict[bool, list[float]] = {True: [], False: []}
     for name, path in sorted(sample_photos().items()):
-        image = decode(path.read_bytes()).rgb
-        aligned = detector.align(image, detector(image)[0].landmarks)
-        photo = {"image": torch.from_numpy(aligned.image).permute(2, 0, 1)[None].float() / 255.0,
+        aligned = align_largest_face(detector, path)
+        photo = {"image": as_batch([aligned.image]),
                  "mask": torch.from_numpy(landmark_mask(aligned.landmarks, size).astype(np.int64))[None]}
         miou = parser_eval(face_parser, photo, face_parser.config.num_classes)["miou"]
         held_out = name in HELD_OUT_PHOTOS

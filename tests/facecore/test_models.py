@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from facecore import weights
+from facecore.face.parsing_mask import UNKNOWN
 from facecore.models.imitator import Imitator, ImitatorConfig
 from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.rig import Renderer, default_schema
@@ -52,6 +54,34 @@ def test_checkpoint_round_trip(tmp_path):
         weights.load_model(FaceParser, str(tmp_path / "ckpt"))
     with pytest.raises(weights.CheckpointError, match="config.json is missing"):
         weights.load_model(Imitator, str(tmp_path / "nothing"))
+
+
+class _Predicts(torch.nn.Module):
+    """A parser that answers a fixed label map, whatever the image."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.labels, self.num_classes = labels, num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(self.labels, self.num_classes).permute(0, 3, 1, 2).float()
+
+
+def test_parser_eval_miou_is_exact():
+    # Truth: class 1 in columns 0-1, class 2 in columns 2-3. Guess: class 1 in
+    # columns 0-2, class 2 in column 3.
+    truth = torch.tensor([[1, 1, 2, 2]] * 4).unsqueeze(0)
+    guess = torch.tensor([[1, 1, 1, 2]] * 4).unsqueeze(0)
+    images = torch.zeros(1, 3, 4, 4)
+    num_classes = 11  # classes absent from the truth are left out of the mean, not counted as 0
+    assert parser_eval(_Predicts(truth, num_classes), {"image": images, "mask": truth}, num_classes)["miou"] == 1.0
+    # Class 1: 8 / 12 pixels; class 2: 4 / 8.
+    partial = parser_eval(_Predicts(guess, num_classes), {"image": images, "mask": truth}, num_classes)["miou"]
+    assert partial == pytest.approx((8 / 12 + 4 / 8) / 2)
+    # With the disputed column marked unknown, what is left agrees perfectly.
+    ignored = truth.clone()
+    ignored[..., 2] = UNKNOWN
+    assert parser_eval(_Predicts(guess, num_classes), {"image": images, "mask": ignored}, num_classes)["miou"] == 1.0
 
 
 def test_steps_improve_both_models():

@@ -117,8 +117,8 @@ def bad_input_corpus(photo: Path, second_photo: Path) -> dict[str, tuple[bytes |
     ``None`` as the bytes means the file must not exist (a missing object).
 
     Args:
-        photo: a real photo with one face (becomes the RGBA, grey, CMYK, 16-bit
-            and EXIF-rotated variants).
+        photo: a real photo with one face (becomes the RGBA, grey, CMYK, 16-bit,
+            GIF87a and EXIF-rotated variants).
         second_photo: another one-face photo, put beside ``photo`` for the
             several-faces case.
     """
@@ -142,6 +142,15 @@ def bad_input_corpus(photo: Path, second_photo: Path) -> dict[str, tuple[bytes |
     exif = Image.Exif()
     exif[0x0112] = 6
 
+    gif = io.BytesIO()
+    original.quantize(256).save(gif, format="GIF")
+    # One frame, no transparency: nothing in it needs GIF89a, so it is the old GIF87a.
+    gif87a = b"GIF87a" + gif.getvalue()[6:]
+
+    # What a phone's HEIC starts with: an ftyp box naming HEIC, then the meta box.
+    heic = (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x00\x22meta"
+            + b"\x00" * 30)
+
     other = Image.open(second_photo).convert("RGB")
     height = max(original.height, other.height)
     pair = Image.new("RGB", (original.width + other.width, height), (128, 128, 128))
@@ -158,6 +167,8 @@ def bad_input_corpus(photo: Path, second_photo: Path) -> dict[str, tuple[bytes |
         "grey.jpg": (_jpeg(original.convert("L")), "ok"),
         "cmyk.jpg": (_jpeg(original.convert("CMYK")), "ok"),
         "exif_rotated.jpg": (_jpeg(sideways, exif=exif.tobytes()), "ok"),
+        "gif87a.gif": (gif87a, "ok"),
+        "phone.heic": (heic, "unsupported_format"),
         "huge_header.png": (png_with_header_only(40000, 40000), "too_large"),
         "does_not_exist.jpg": (None, "fetch_error"),
         "no_face.png": (_png(Image.fromarray(faceless_image())), "no_face"),

@@ -168,6 +168,9 @@ class StorageError(Exception):
     def status(self) -> str:
         return "storage_error" if self.systemic else "fetch_error"
 
+    def __reduce__(self):  # keep reason, code, ... when Ray pickles the error
+        return type(self), (self.args[0],), self.__dict__
+
 
 class ObjectNotFound(StorageError):
     """No object at that path (the bucket exists)."""
@@ -264,7 +267,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
 
 
 def _client_error(exc: BaseException) -> tuple[str | None, int | None, str]:
@@ -277,6 +280,23 @@ def _client_error(exc: BaseException) -> tuple[str | None, int | None, str]:
             http = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             return error.get("Code"), http, error.get("Message", "")
     return None, None, ""
+
+
+def _storage_exception_types() -> tuple[type[BaseException], ...]:
+    """What storage calls raise when the store fails (anything else is a bug, not a failure)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
+    from fsspec.exceptions import FSTimeoutError
+
+    types: tuple[type[BaseException], ...] = (OSError, BotoCoreError, ClientError, ResponseParserError,
+                                              FSTimeoutError, IncompleteRead, asyncio.TimeoutError)
+    try:
+        import aiohttp
+
+        types += (aiohttp.ClientError,)
+    except ImportError:  # pragma: no cover - aiohttp comes with s3fs
+        pass
+    return types
 
 
 def _is_transient_exception(exc: BaseException) -> bool:
@@ -330,6 +350,8 @@ def as_storage_error(exc: BaseException, what: str = "storage call") -> StorageE
 
     if isinstance(exc, StorageError):
         return exc
+    if not isinstance(exc, _storage_exception_types()):
+        return None
     code, http, message = _client_error(exc)
     detail = f"{code}: {message}" if code else f"{type(exc).__name__}: {exc}"
     kwargs = {"code": code or type(exc).__name__, "http_status": http}

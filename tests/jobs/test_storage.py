@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 import threading
 import time
@@ -146,6 +147,13 @@ def test_classification_of_s3_codes():
     }
     assert as_storage_error(EndpointConnectionError(endpoint_url="http://x")).transient
     assert as_storage_error(OSError(111, "refused")).transient
+    # Ray pickles exceptions between processes: the details must survive.
+    copy = pickle.loads(pickle.dumps(kinds["InvalidAccessKeyId"]))
+    assert (type(copy), str(copy), copy.reason, copy.code, copy.http_status, copy.status) == (
+        AccessDenied, str(kinds["InvalidAccessKeyId"]), "invalid_credentials", "InvalidAccessKeyId", 403,
+        "storage_error")
+    gave_up = pickle.loads(pickle.dumps(StorageUnavailable("down", attempts=3, elapsed_s=1.5)))
+    assert (gave_up.attempts, gave_up.elapsed_s, gave_up.reason) == (3, 1.5, "unavailable")
 
 
 # --- against moto ---------------------------------------------------------------------

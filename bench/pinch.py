@@ -42,8 +42,9 @@ from facecore.rig import Renderer, default_schema
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
 from jobs.samples import sample_photos
-from jobs.spec import PinchOptions, parse_spec
-from jobs.stages import pinch_config
+from jobs.kinds.pinch import PinchOptions
+from jobs.spec import parse_spec
+from jobs.kinds.pinch import pinch_config
 
 
 def plain_loop(paths: list[Path], imitator, face_parser, schema, config: PinchConfig, render_size: int) -> int:

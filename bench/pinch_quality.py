@@ -29,8 +29,8 @@ from facecore.models.parsing import FaceParser
 from facecore.presets import preset_path
 from facecore.rig import Renderer, default_schema
 from jobs.samples import sample_photos
-from jobs.spec import PinchOptions
-from jobs.stages import pinch_config
+from jobs.kinds.pinch import PinchOptions
+from jobs.kinds.pinch import pinch_config
 
 FRONTAL = {"yaw": 0.5, "pitch": 0.5, "roll": 0.5}
 

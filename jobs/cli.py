@@ -15,10 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.manifest import ManifestError, input_rows
-from jobs.output import OutputError, RunSummary
 from facecore.rig.schema import SchemaError
-from jobs.spec import JobSpec, SpecError, load_spec
+from jobs.manifest import ManifestError
+from jobs.output import OutputError, RunSummary
+from jobs.spec import SpecError, load_spec
+
+log = logging.getLogger("facejobs")
 
 EXIT_SPEC = 2
 EXIT_FAILED = 1
@@ -37,23 +39,22 @@ def format_summary(summary: RunSummary) -> str:
     if summary.duplicates_removed:
         lines.append(f"  duplicate rows removed: {summary.duplicates_removed}")
     if summary.extra_keys:
-        lines.append(f"  keys in the output that the manifest lacks: {summary.extra_keys}")
+        lines.append(f"  warning: {summary.stale_rows} rows of {summary.extra_keys} keys that this manifest "
+                     "lacks are in the output (left in place, not counted above)")
+    for warning in summary.lineage.get("warnings", []):
+        lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
 
-def _load(path: str) -> JobSpec:
-    spec = load_spec(path)
-    if spec.kind != "train":
-        input_rows(spec)  # fails fast, naming input.manifest
-    return spec
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
+    from jobs.kinds import kind_of
+
     spec = load_spec(args.spec)
-    if spec.kind == "train":
-        print(f"{args.spec}: valid train job for the {spec.model} -> {spec.output.path}")
+    kind = kind_of(spec)
+    if not kind.runnable:
+        print(f"{args.spec}: valid {spec.kind} job -> {spec.output.path}")
         return 0
-    rows = input_rows(spec)
+    rows = kind.input_rows(spec)
     print(f"{args.spec}: valid {spec.kind} job, {rows.num_rows} input rows -> {spec.output.path}")
     return 0
 
@@ -61,10 +62,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.pipeline import run
 
-    spec = _load(args.spec)
+    spec = load_spec(args.spec)
     if spec.kind == "train":
         raise SpecError(f"{args.spec}: kind: train specs run with `facejobs train`")
-    summary = run(spec, address=args.address, progress=not args.no_progress)
+    summary = run(spec, address=args.address, progress=not args.no_progress, verbose=args.verbose,
+                  allow_spec_change=args.allow_spec_change)
     print(format_summary(summary))
     return 0
 
@@ -138,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("spec", help="YAML or JSON job spec")
     run_parser.add_argument("--address", default=None,
                             help="Ray cluster address (default: start a local Ray)")
-    run_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run_parser.add_argument("--no-progress", action="store_true", help="hide the progress line")
+    run_parser.add_argument("--allow-spec-change", action="store_true",
+                            help="add rows to an output written with other options or models")
     run_parser.set_defaults(handler=cmd_run)
 
     train_parser = commands.add_parser("train", help="train a model (kind: train spec) with Ray Train")
@@ -185,12 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         keep_local_ray_on_loopback()  # before anything imports ray
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.lease import LeaseHeld
+    from jobs.lineage import SpecChanged
+    from jobs.storage import StorageError
+
     try:
         return args.handler(args)
-    except (SpecError, ManifestError, SchemaError) as exc:
+    except (SpecError, ManifestError, SchemaError, SpecChanged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SPEC
-    except (OutputError, FileNotFoundError) as exc:
+    except (OutputError, FileNotFoundError, LeaseHeld, StorageError) as exc:
+        # JobFailed is an OutputError: one line for a person; the traceback with --verbose.
+        if args.verbose and not isinstance(exc, (LeaseHeld, FileNotFoundError)):
+            log.exception("job failed")
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

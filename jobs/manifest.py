@@ -19,8 +19,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from jobs.spec import AlignJob, JobSpec, PinchJob, RenderJob, StorageSpec
-from jobs.storage import Location, locate, resolve_relative
+from jobs.spec import StorageSpec
+from jobs.storage import Location, locate, scheme_of
 
 
 class ManifestError(ValueError):
@@ -28,12 +28,70 @@ class ManifestError(ValueError):
 
 
 def stable_key(uri: str) -> str:
-    """The default row key: 20 hex digits of the uri's SHA-1 (stable across runs)."""
+    """The default row key: 20 hex digits of the SHA-1 of the resolved, stripped uri.
+
+    ``read_manifest`` resolves relative paths and drops ``file://`` before hashing,
+    so one photo written two ways in a manifest gets one key.
+    """
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:20]
+
+
+# Rows per step where a Python function must see each value (hashing keys,
+# normalising ``..`` in paths): the Python objects of one chunk at a time, never
+# of the whole manifest.
+CHUNK_ROWS = 65_536
+
+_ABSOLUTE = r"^([A-Za-z][A-Za-z0-9+.\-]*://|/)"
+_DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
+
+
+def _chunks(array: pa.Array):
+    for start in range(0, len(array), CHUNK_ROWS):
+        yield array.slice(start, CHUNK_ROWS)
+
+
+def stable_keys(uris: pa.Array) -> pa.Array:
+    """:func:`stable_key` of every uri, computed chunk by chunk."""
+    return pa.concat_arrays([pa.array([stable_key(u) for u in chunk.to_pylist()], pa.string())
+                             for chunk in _chunks(uris)] or [pa.array([], pa.string())])
+
+
+def resolve_uris(uris: pa.Array, base: Location) -> pa.Array:
+    """Manifest entries as full URIs, with Arrow compute.
+
+    Relative paths are joined to ``base`` (the manifest's folder), ``file://`` is
+    dropped from local paths, and ``.``/``..`` segments are normalised (only the
+    rows that have them go through Python, a chunk at a time).
+    """
+    uris = pc.replace_substring_regex(uris, r"^file://", "")
+    relative = pc.invert(pc.match_substring_regex(uris, _ABSOLUTE))
+    joined = pc.binary_join_element_wise(pa.scalar(base.uri.rstrip("/")), uris, "/")
+    resolved = pc.if_else(relative, joined, uris)
+    dotted = pc.match_substring_regex(resolved, _DOT_SEGMENT)
+    if not pc.any(dotted).as_py():
+        return resolved
+    fixed = []
+    for chunk, dots in zip(_chunks(resolved), _chunks(dotted)):
+        if pc.any(dots).as_py():
+            chunk = pa.array([_normalise(u) if d else u for u, d in zip(chunk.to_pylist(), dots.to_pylist())],
+                             pa.string())
+        fixed.append(chunk)
+    return pa.concat_arrays(fixed)
+
+
+def _normalise(uri: str) -> str:
+    if not scheme_of(uri):
+        return posixpath.normpath(uri)
+    head, _, path = uri.partition("://")
+    return f"{head}://{posixpath.normpath(path)}"
 
 
 def read_manifest(uri: str, storage: StorageSpec | None = None) -> pa.Table:
     """Read a manifest into a table with string columns ``key`` and ``uri``.
+
+    Works column-wise with Arrow: memory grows with the bytes of the uris and
+    keys, not with a Python object per row, so tens of millions of rows plan on
+    one driver.
 
     Raises:
         ManifestError: missing file, unknown format, no ``uri`` column, empty or
@@ -45,27 +103,26 @@ def read_manifest(uri: str, storage: StorageSpec | None = None) -> pa.Table:
     table = _read_table(location)
     if "uri" not in table.column_names:
         raise ManifestError(f"input.manifest: {uri} has no 'uri' column (columns: {table.column_names})")
-    uris = table.column("uri").cast(pa.string())
-    bad = pc.or_kleene(pc.is_null(uris), pc.equal(pc.utf8_trim_whitespace(uris), ""))
-    bad_rows = pc.indices_nonzero(pc.fill_null(bad, True)).to_pylist()
-    if bad_rows:
-        raise ManifestError(f"input.manifest: {uri}: empty uri in rows {bad_rows[:10]}")
+    uris = pc.utf8_trim_whitespace(table.column("uri").cast(pa.string()).combine_chunks())
+    bad = pc.fill_null(pc.equal(uris, ""), True)
+    if pc.any(bad).as_py():
+        raise ManifestError(f"input.manifest: {uri}: empty uri in rows {_first_rows(bad)}")
     folder = location.path if location.fs.isdir(location.path) else posixpath.dirname(location.path)
-    base = Location(location.fs, folder, location.scheme)
-    raw = uris.to_pylist()
-    if "key" in table.column_names:
-        keys = [None if k is None else str(k) for k in table.column("key").to_pylist()]
-        missing = [i for i, k in enumerate(keys) if not k]
-        if missing:
-            raise ManifestError(f"input.manifest: {uri}: empty key in rows {missing[:10]}")
+    resolved = resolve_uris(uris, Location(location.fs, folder, location.scheme))
+    given_keys = "key" in table.column_names
+    if given_keys:
+        keys = table.column("key").cast(pa.string()).combine_chunks()
+        empty = pc.fill_null(pc.equal(keys, ""), True)
+        if pc.any(empty).as_py():
+            raise ManifestError(f"input.manifest: {uri}: empty key in rows {_first_rows(empty)}")
     else:
-        keys = [stable_key(u) for u in raw]
-    duplicates = _duplicates(keys)
+        keys = stable_keys(resolved)
+    del table
+    duplicates = duplicate_values(keys)
     if duplicates:
-        hint = "" if "key" in table.column_names else " (the same uri twice? give a 'key' column)"
-        raise ManifestError(f"input.manifest: {uri}: duplicate keys {duplicates[:5]}{hint}")
-    resolved = [resolve_relative(u.strip(), base) for u in raw]
-    return pa.table({"key": pa.array(keys, pa.string()), "uri": pa.array(resolved, pa.string())})
+        hint = "" if given_keys else " (the same uri twice? give a 'key' column)"
+        raise ManifestError(f"input.manifest: {uri}: duplicate keys {duplicates}{hint}")
+    return pa.table({"key": keys, "uri": resolved})
 
 
 def _read_table(location: Location) -> pa.Table:
@@ -90,14 +147,17 @@ def _read_table(location: Location) -> pa.Table:
     )
 
 
-def _duplicates(keys: list[str]) -> list[str]:
-    seen: set[str] = set()
-    repeated: list[str] = []
-    for key in keys:
-        if key in seen:
-            repeated.append(key)
-        seen.add(key)
-    return repeated
+def _first_rows(mask: pa.Array, count: int = 10) -> list[int]:
+    return pc.indices_nonzero(mask).slice(0, count).to_pylist()
+
+
+def duplicate_values(values: pa.Array, count: int = 5) -> list[str]:
+    """Up to ``count`` values that occur more than once (Arrow hash counts)."""
+    if pc.count_distinct(values).as_py() == len(values):
+        return []
+    counts = pc.value_counts(values)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return repeated.slice(0, count).to_pylist()
 
 
 def write_manifest(uris: list[str], uri: str, keys: list[str] | None = None,
@@ -136,9 +196,9 @@ def read_param_manifest(uri: str, schema, storage: StorageSpec | None = None) ->
         raise ManifestError(f"input.manifest: {uri}: no 'params' column and no parameter columns")
     rows = table.to_pylist()
     keys = [str(r["key"]) for r in rows] if "key" in table.column_names else [f"{i:09d}" for i in range(len(rows))]
-    duplicates = _duplicates(keys)
+    duplicates = duplicate_values(pa.array(keys, pa.string()))
     if duplicates:
-        raise ManifestError(f"input.manifest: {uri}: duplicate keys {duplicates[:5]}")
+        raise ManifestError(f"input.manifest: {uri}: duplicate keys {duplicates}")
     vectors, statuses, errors = [], [], []
     for row in rows:
         try:
@@ -175,21 +235,3 @@ def sampled_render_rows(count: int, seed: int) -> pa.Table:
         "status": pa.array(["ok"] * count, pa.string()),
         "error": pa.nulls(count, pa.string()),
     })
-
-
-def input_rows(spec: JobSpec) -> pa.Table:
-    """Every row the job must output, keyed; read or generated on the driver."""
-    if isinstance(spec, (AlignJob, PinchJob)):
-        return read_manifest(spec.input.manifest, spec.storage)
-    if isinstance(spec, RenderJob):
-        if spec.input is not None:
-            return read_param_manifest(spec.input.manifest, rig_schema(spec), spec.storage)
-        return sampled_render_rows(spec.options.count, spec.options.seed)
-    raise NotImplementedError(f"kind {spec.kind!r} has no input rows")
-
-
-def rig_schema(spec: RenderJob):
-    """The rig a render job draws: its ``options.rig`` file or the built-in one."""
-    from facecore.rig import default_schema, load_schema
-
-    return load_schema(spec.options.rig) if spec.options.rig else default_schema()

@@ -3,32 +3,41 @@
 Layout of an output folder::
 
     part-<hash>.parquet   committed results; <hash> is of the keys the part holds
-    _tmp/                 parts being written (ignored by readers, cleared per run)
-    _SUCCESS              JSON summary, written last, only by a finished run
+    _tmp/<run id>/        parts being written by one run (ignored by readers; removed
+                          when the run ends, and leftovers of dead runs when one starts)
+    _JOB                  the spec fingerprint the output was made with, and its runs
+    _LEASE                held by the run in progress (see jobs.lease)
+    _SUCCESS              JSON summary and lineage, written last, only by a finished run
 
 Ray retries tasks (at-least-once) and its own ``write_parquet`` names files with a
 fresh uuid per run, so exactly-once is ours to keep:
 
-* a part is written under ``_tmp/`` and moved into place whole, so a killed run
-  leaves nothing that a reader counts;
+* a part is written under ``_tmp/<run id>/`` and moved into place whole, so a
+  killed run leaves nothing that a reader counts;
+* all the rows of one input key are in one part (a part is one input block);
 * a part's name is a hash of the keys in it, so a retried write of the same rows
   replaces the same file instead of adding a copy;
 * a new run skips keys that committed parts already hold (resume);
 * at the end :meth:`OutputFolder.reconcile` drops any key found in two parts (a
   retry that regrouped rows) and checks every input key is present.
+
+Key sets are Arrow arrays, never Python sets: a folder of millions of rows plans
+and reconciles in memory proportional to the bytes of its keys.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
 import logging
 import posixpath
-from collections import Counter
-from dataclasses import asdict, dataclass
-from typing import Iterable
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,10 +50,16 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 SUCCESS = "_SUCCESS"
 TMP = "_tmp"
+# Parallel footer/column reads when listing what a folder holds.
+READ_THREADS = 16
 
 
 class OutputError(RuntimeError):
     """The output folder is inconsistent; the job must not report success."""
+
+
+class JobFailed(OutputError):
+    """The job stopped for a systemic reason; no ``_SUCCESS`` was written."""
 
 
 @dataclass
@@ -61,7 +76,10 @@ class RunSummary:
     seconds: float = 0.0
     duplicates_removed: int = 0
     extra_keys: int = 0  # keys in the output that the manifest does not have
+    stale_rows: int = 0  # their rows: left in place, not counted in output_rows or status_counts
     output: str = ""
+    run_id: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok_rows(self) -> int:
@@ -84,14 +102,26 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 
 
 class OutputFolder:
-    """One job's output folder on any filesystem."""
+    """One job's output folder on any filesystem.
 
-    def __init__(self, location: Location) -> None:
+    Args:
+        location: the folder.
+        run_id: the run writing into it; its temporaries go under ``_tmp/<run_id>/``.
+    """
+
+    def __init__(self, location: Location, run_id: str | None = None) -> None:
         self.location = location
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+
+    @property
+    def temporary(self) -> Location:
+        return self.location.join(TMP, self.run_id)
 
     def parts(self) -> list[str]:
-        """Full paths of committed parts, sorted."""
+        """Full paths of committed parts, sorted (listed afresh, never from a cache)."""
         fs = self.location.fs
+        # s3fs caches listings: a resume must see the parts written since.
+        fs.invalidate_cache(self.location.path)
         if not fs.exists(self.location.path):
             return []
         names = [posixpath.basename(p) for p in fs.ls(self.location.path, detail=False)]
@@ -101,80 +131,152 @@ class OutputFolder:
             if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)
         )
 
-    def prepare(self) -> None:
-        """Start a run: create the folder, clear ``_SUCCESS`` and stale temporaries."""
+    def begin(self) -> None:
+        """Start a run: create the folder and drop temporaries of runs that died.
+
+        Called while holding the output's lease, so no other live run writes
+        here. ``_SUCCESS`` stays until the run has work to do
+        (:meth:`clear_success`).
+        """
         fs = self.location.fs
         fs.makedirs(self.location.path, exist_ok=True)
-        for name in (SUCCESS, TMP):
-            path = posixpath.join(self.location.path, name)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+        tmp = self.location.join(TMP).path
+        fs.invalidate_cache(tmp)
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
 
-    def _read_columns(self, path: str, names: list[str]) -> pa.Table:
-        return pq.read_table(path, columns=names, filesystem=self.location.arrow_fs)
+    def clear_success(self) -> None:
+        path = self.location.join(SUCCESS).path
+        if self.location.fs.exists(path):
+            self.location.fs.rm(path)
 
-    def done_keys(self) -> set[str]:
-        """Keys already committed by earlier runs."""
-        keys: set[str] = set()
-        for path in self.parts():
-            keys.update(self._read_columns(path, ["key"]).column("key").to_pylist())
-        return keys
+    def end(self) -> None:
+        """Remove this run's temporaries, and ``_tmp/`` itself when nothing else is in it."""
+        fs = self.location.fs
+        for path in (self.temporary.path, self.location.join(TMP).path):
+            fs.invalidate_cache(path)
+            try:
+                if fs.exists(path) and (path == self.temporary.path or not fs.ls(path, detail=False)):
+                    fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def read_parts(self, columns: list[str]) -> pa.Table:
+        """``columns`` of every committed part, plus ``part`` (the part's index in :meth:`parts`)."""
+        paths = self.parts()
+
+        def read(index_path: tuple[int, str]) -> pa.Table:
+            index, path = index_path
+            table = pq.read_table(path, columns=columns, filesystem=self.location.arrow_fs)
+            return table.append_column("part", pa.array(np.full(table.num_rows, index, np.int32)))
+
+        if not paths:
+            return pa.table({**{name: pa.array([], pa.string()) for name in columns},
+                             "part": pa.array([], pa.int32())})
+        with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+            tables = list(pool.map(read, enumerate(paths)))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def done_keys(self) -> pa.Array:
+        """Keys already committed by earlier runs (unique, as an Arrow array)."""
+        return pc.unique(self.read_parts(["key"]).column("key").combine_chunks())
 
     def commit(self, table: pa.Table) -> str:
         """Write one part atomically under its deterministic name; return the name."""
         name = part_name(table.column("key").to_pylist())
-        write_atomic(self.location.join(name), table_to_parquet_bytes(table))
+        data = table_to_parquet_bytes(table)
+        fs = self.location.fs
+        temporary = self.temporary.join(f"{name}.{uuid.uuid4().hex}").path
+        fs.makedirs(self.temporary.path, exist_ok=True)
+        with fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        fs.mv(temporary, self.location.join(name).path)
         return name
 
-    def reconcile(self, expected_keys: set[str]) -> tuple[Counter, int, int, int]:
+    def reconcile(self, expected_keys: pa.Array) -> "Reconciled":
         """Remove keys committed twice; check every expected key is present.
-
-        Returns:
-            (status counts, output rows, duplicate rows removed, extra keys).
 
         Raises:
             OutputError: some expected keys are missing from the output.
         """
-        owner: dict[str, str] = {}
-        duplicated: dict[str, set[str]] = {}
-        per_part: dict[str, pa.Table] = {}
-        for path in self.parts():
-            table = self._read_columns(path, ["key", "status"])
-            per_part[path] = table
-            for key in set(table.column("key").to_pylist()):
-                if key in owner:
-                    duplicated.setdefault(path, set()).add(key)
-                else:
-                    owner[key] = path
+        paths = self.parts()
+        table = self.read_parts(["key", "status"])
+        keys = table.column("key").combine_chunks()
+        # A key in two parts: keep it in the first part (sorted), drop it from the others.
+        pairs = pa.table({"key": keys, "part": table.column("part")}).group_by(["key", "part"]).aggregate([])
+        per_key = pairs.group_by("key").aggregate([("part", "count"), ("part", "min")])
+        repeated = per_key.filter(pc.greater(per_key.column("part_count"), 1))
         removed = 0
-        for path, keys in duplicated.items():
-            full = pq.read_table(path, filesystem=self.location.arrow_fs)
-            mask = pc.invert(pc.is_in(full.column("key"), value_set=pa.array(sorted(keys), pa.string())))
-            kept = full.filter(mask)
-            removed += full.num_rows - kept.num_rows
-            log.warning("part %s repeated %d keys; rewriting it without them", path, len(keys))
-            location = Location(self.location.fs, path, self.location.scheme)
-            if kept.num_rows:
-                write_atomic(location, table_to_parquet_bytes(kept))
-            else:
-                self.location.fs.rm(path)
-            per_part[path] = kept.select(["key", "status"])
-        missing = expected_keys - owner.keys()
-        if missing:
-            raise OutputError(f"{len(missing)} input rows are missing from {self.location.uri}, "
-                              f"e.g. {sorted(missing)[:5]}")
-        counts: Counter = Counter()
-        rows = 0
-        for table in per_part.values():
-            counts.update(table.column("status").to_pylist())
-            rows += table.num_rows
-        return counts, rows, removed, len(owner.keys() - expected_keys)
+        if repeated.num_rows:
+            owner = dict(zip(repeated.column("key").to_pylist(), repeated.column("part_min").to_pylist()))
+            drop: dict[int, list[str]] = {}
+            clashes = pairs.filter(pc.is_in(pairs.column("key"), value_set=repeated.column("key")))
+            for key, part in zip(clashes.column("key").to_pylist(), clashes.column("part").to_pylist()):
+                if part != owner[key]:
+                    drop.setdefault(part, []).append(key)
+            for part, dropped in sorted(drop.items()):
+                removed += self._drop_keys(paths[part], dropped)
+            table = self.read_parts(["key", "status"])
+            keys = table.column("key").combine_chunks()
+        present = pc.unique(keys)
+        missing = pc.invert(pc.is_in(expected_keys, value_set=present))
+        missing_count = pc.sum(missing).as_py() or 0
+        if missing_count:
+            examples = sorted(expected_keys.filter(missing).slice(0, 1000).to_pylist())[:5]
+            raise OutputError(f"{missing_count} input rows are missing from {self.location.uri}, e.g. {examples}")
+        expected_row = pc.is_in(keys, value_set=expected_keys)
+        statuses = table.column("status").combine_chunks().filter(expected_row)
+        counts = pc.value_counts(statuses)
+        status_counts = {str(v): int(c) for v, c in zip(counts.field("values").to_pylist(),
+                                                       counts.field("counts").to_pylist())}
+        extra = pc.sum(pc.invert(pc.is_in(present, value_set=expected_keys))).as_py() or 0
+        return Reconciled(status_counts=dict(sorted(status_counts.items())), output_rows=len(statuses),
+                          duplicates_removed=removed, extra_keys=extra, stale_rows=len(keys) - len(statuses),
+                          parts=len(self.parts()))
+
+    def _drop_keys(self, path: str, keys: list[str]) -> int:
+        full = pq.read_table(path, filesystem=self.location.arrow_fs)
+        mask = pc.invert(pc.is_in(full.column("key"), value_set=pa.array(sorted(keys), pa.string())))
+        kept = full.filter(mask)
+        log.warning("part %s repeated %d keys; rewriting it without them", path, len(keys))
+        if kept.num_rows:
+            write_atomic(Location(self.location.fs, path, self.location.scheme), table_to_parquet_bytes(kept))
+        else:
+            self.location.fs.rm(path)
+        return full.num_rows - kept.num_rows
 
     def write_success(self, summary: RunSummary) -> None:
         write_atomic(self.location.join(SUCCESS), summary.to_json().encode("utf-8"))
 
     def read_success(self) -> dict | None:
-        path = self.location.join(SUCCESS).path
+        return self.read_json(SUCCESS)
+
+    def read_json(self, name: str) -> dict | None:
+        path = self.location.join(name).path
+        self.location.fs.invalidate_cache(path)
         if not self.location.fs.exists(path):
             return None
         return json.loads(self.location.fs.cat_file(path))
+
+    def write_json(self, name: str, document: dict) -> None:
+        write_atomic(self.location.join(name), json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+
+    def part_metadata(self) -> dict[str, str] | None:
+        """The Parquet schema metadata of the first committed part (None: no parts)."""
+        paths = self.parts()
+        if not paths:
+            return None
+        metadata = pq.read_schema(paths[0], filesystem=self.location.arrow_fs).metadata or {}
+        return {k.decode(): v.decode() for k, v in metadata.items()}
+
+
+@dataclass
+class Reconciled:
+    """What a folder holds once reconciled against the manifest."""
+
+    status_counts: dict[str, int]  # rows of manifest keys by status
+    output_rows: int  # rows of manifest keys
+    duplicates_removed: int  # rows dropped because their key was in an earlier part too
+    extra_keys: int  # keys the manifest does not have (an earlier, larger manifest)
+    stale_rows: int  # their rows
+    parts: int

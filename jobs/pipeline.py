@@ -1,9 +1,13 @@
-"""Build and run job pipelines on Ray Data.
+"""Plan, build and run jobs on Ray Data, the same way for every kind.
 
-``build(spec, manifest, output)`` returns the lazy :class:`ray.data.Dataset`
-that fetches, aligns and commits output parts (its rows are commit records);
-``run(spec)`` adds what makes a job a job: resume over an existing output, a
-final reconciliation that proves every input row is there once, and ``_SUCCESS``.
+``plan(spec)`` reads the input rows and the output folder and finds the rows
+still to do (Arrow compute on key arrays: no Python object per row).
+``build(...)`` wires the kind's stages into a lazy :class:`ray.data.Dataset` whose
+rows are commit records: CPU pool (fetch, decode, align) -> model pool (when the
+kind has a model) -> CPU pool (encode, commit). ``run(spec)`` adds what makes a
+job a job: the output's lease, the spec check of a rerun, progress, the error-rate
+limit, a final reconciliation that proves every input row is there once, and
+``_SUCCESS`` with lineage.
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import cv2
@@ -20,64 +29,160 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
-from jobs.manifest import input_rows, rig_schema
-from jobs.output import OutputFolder, RunSummary
-from jobs.spec import AlignJob, JobSpec, PinchJob, RenderJob
-from jobs.stages import (
-    ALIGN_FIELD_DOCS,
-    PINCH_FIELD_DOCS,
-    RENDER_FIELD_DOCS,
-    AlignStage,
-    CommitStage,
-    FetchStage,
-    PinchStage,
-    RenderStage,
-)
+from jobs import lineage
+from jobs.kinds import JobKind, StageSpec, kind_of
+from jobs.output import JobFailed, OutputFolder, RunSummary
+from jobs.progress import Progress, first_real_error
+from jobs.spec import JobSpec, SpecError
+from jobs.stages import CommitStage
 from jobs.storage import locate
 
 log = logging.getLogger(__name__)
 
-# CPU left unclaimed beside a CPU actor pool sized by default: pools that claim
-# every CPU starve any other task on the cluster (a later stage, another job)
-# and a pipeline waiting on such a task hangs with 0 rows (ray-project/ray#44687).
-# Logical only: the actors still use every core.
+# CPU left unclaimed beside the actor pools: pools that claim every CPU starve
+# any other task on the cluster (a later stage, another job) and a pipeline
+# waiting on such a task hangs with 0 rows (ray-project/ray#44687). Logical only:
+# the actors still use every core.
 CPU_RESERVE = 0.25
+# CPU claimed by a model actor that has a GPU: it feeds the GPU, the CPU pool works.
+GPU_ACTOR_CPUS = 0.25
+
+# Part sizes: at least MIN_PART_ROWS input rows (or the whole small job), at most
+# MAX_IMAGE_PART_ROWS rows when rows hold images, and about PART_BYTES at most.
+MIN_PART_ROWS = 64
+MAX_IMAGE_PART_ROWS = 256
+MAX_PART_ROWS = 4096
+PART_BYTES = 96 * 1024 * 1024
+IMAGE_ROW_BYTES = 16 * 1024  # a row this large holds an image
+
+
+# Between pools a block of rows travels packed as one row (Arrow IPC bytes), so
+# that Ray Data's batching (which a GPU pool must have) and block splitting can
+# never cut a block, and with it the rows of one input key, in two.
+BLOCK_COLUMN = "block"
+
+
+def pack(table: pa.Table) -> pa.Table:
+    """A block of rows as a one-row table."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.table({BLOCK_COLUMN: pa.array([sink.getvalue().to_pybytes()], pa.large_binary())})
+
+
+def unpack(packed: pa.Table) -> list[pa.Table]:
+    """The blocks of a table of packed rows."""
+    return [pa.ipc.open_stream(pa.BufferReader(value.as_buffer())).read_all()
+            for value in packed.column(BLOCK_COLUMN).combine_chunks()]
 
 
 class Chain:
-    """Run several stages one after the other inside one actor.
+    """Run several stages one after the other inside one actor, block by block.
 
     Fetching, aligning and committing in the same process keeps image bytes out
     of the object store and needs no extra write tasks; each stage is still its
     own class, testable alone.
+
+    Args:
+        stages: the stages, built here (once per actor).
+        packed_input: the batch holds packed blocks (see :func:`pack`).
+        packed_output: pack each block's result.
     """
 
-    def __init__(self, stages: list[tuple[type, dict[str, Any]]], cv2_threads: int = 1) -> None:
+    def __init__(self, stages: list[StageSpec], packed_input: bool = False, packed_output: bool = False,
+                 cv2_threads: int = 1) -> None:
         # Each actor is one of several processes per node, each given about one
         # CPU: OpenCV's own thread pool would only oversubscribe the cores.
         cv2.setNumThreads(cv2_threads)
-        self.stages: list[Callable] = [cls(**kwargs) for cls, kwargs in stages]
+        self.stages: list[Callable] = [stage.cls(**stage.kwargs) for stage in stages]
+        self.packed_input = packed_input
+        self.packed_output = packed_output
 
     def __call__(self, batch: Any) -> pa.Table:
-        for stage in self.stages:
-            batch = stage(batch)
-        return batch
+        results = []
+        for block in (unpack(batch) if self.packed_input else [batch]):
+            for stage in self.stages:
+                block = stage(block)
+            results.append(pack(block) if self.packed_output else block)
+        return pa.concat_tables(results) if len(results) > 1 else results[0]
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
     """Connect to a cluster, or start a local Ray bound to loopback only."""
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level, log_to_driver=verbose)
     else:
-        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", logging_level=level,
+                 log_to_driver=verbose)
 
 
-def _cpu_actor_cpus(spec: JobSpec, pools: int = 1) -> float:
-    """CPUs per actor: the spec's, or a share that lets ``pools`` pools fit beside a reserve."""
+# -- planning ----------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a run will do, found before any task starts."""
+
+    kind: JobKind
+    folder: OutputFolder
+    input_rows: pa.Table  # every row the job must output
+    pending: pa.Table  # the rows still to do
+    models: dict[str, dict[str, str]]  # model files with their sha256
+    settings: dict[str, Any]  # the fingerprinted settings (see jobs.lineage)
+    note: str | None = None  # an allowed spec change
+    seconds: float = 0.0
+
+
+def plan(spec: JobSpec, *, run_id: str | None = None, allow_spec_change: bool = False) -> Plan:
+    """Read the input rows and the output; find the rows still to do.
+
+    Raises:
+        SpecError: the kind does not run as a batch job.
+        lineage.SpecChanged: the output was made with other settings.
+    """
+    started = time.perf_counter()
+    kind = kind_of(spec)
+    if not kind.runnable:
+        raise SpecError(f"kind: {spec.kind} jobs run with `facejobs {spec.kind}`, not `facejobs run`")
+    rows = kind.input_rows(spec)
+    folder = OutputFolder(locate(spec.output.path, spec.storage), run_id=run_id)
+    models = lineage.model_hashes(kind.model_files(spec), spec.storage)
+    settings = lineage.fingerprint_settings(spec, kind.result_options(spec), models)
+    note = lineage.check_rerun(folder, settings, allow_spec_change)
+    keys = rows.column("key")
+    done = folder.done_keys()
+    pending = rows.filter(pc.invert(pc.is_in(keys, value_set=done))) if len(done) else rows
+    log.info("%d input rows, %d already done, %d to process", rows.num_rows, rows.num_rows - pending.num_rows,
+             pending.num_rows)
+    return Plan(kind=kind, folder=folder, input_rows=rows, pending=pending, models=models, settings=settings,
+                note=note, seconds=time.perf_counter() - started)
+
+
+def rows_per_block(spec: JobSpec, kind: JobKind, rows: int) -> int:
+    """Input rows per CPU-pool call, and so per output part.
+
+    Parts hold at least :data:`MIN_PART_ROWS` rows (or the whole small job) and at
+    most 256 rows of images or about :data:`PART_BYTES`; in between, about four
+    blocks per CPU actor, so that the actors stay evenly busy to the end.
+    """
+    if spec.resources.rows_per_block:
+        return spec.resources.rows_per_block
+    row_bytes = max(1, kind.row_bytes(spec))
+    cap = MAX_IMAGE_PART_ROWS if row_bytes >= IMAGE_ROW_BYTES else MAX_PART_ROWS
+    cap = max(1, min(cap, PART_BYTES // row_bytes))
+    target = min(cap, max(MIN_PART_ROWS, math.ceil(rows / (4 * spec.resources.concurrency))))
+    blocks = max(1, math.ceil(rows / cap), min(rows // MIN_PART_ROWS, math.ceil(rows / target)))
+    return max(1, math.ceil(rows / blocks))
+
+
+# -- building ----------------------------------------------------------------
+
+def _cpu_actor_cpus(spec: JobSpec, cpu_actors: int) -> float:
+    """CPUs per CPU-pool actor: the spec's, or a share that fits every pool beside a reserve."""
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, (total - CPU_RESERVE) / (spec.resources.concurrency * pools)))
+    return max(0.1, min(1.0, (total - CPU_RESERVE) / cpu_actors))
 
 
 def _model_threads(spec: JobSpec) -> int:
@@ -89,154 +194,227 @@ def _model_threads(spec: JobSpec) -> int:
     then have the cores to themselves, and the optimiser scales with threads.
     """
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(total // spec.resources.concurrency))
+    return max(1, int(total // spec.resources.model_pool_size))
 
 
-def _schema_metadata(spec: JobSpec, field_docs: dict[str, str], **extra: str) -> dict[str, str]:
-    return {
-        "facejobs.kind": spec.kind,
-        "facejobs.options": spec.options.model_dump_json(),
-        "facejobs.columns": json.dumps(field_docs, sort_keys=True),
-        **extra,
-    }
+def _map(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, packed_input: bool = False,
+         packed_output: bool = False, **resources) -> ray.data.Dataset:
+    return dataset.map_batches(
+        Chain,
+        fn_constructor_kwargs={"stages": stages, "packed_input": packed_input, "packed_output": packed_output},
+        # One input block per call: one block in, one part out. Packed blocks
+        # are one row each, so a batch of one row is one block.
+        batch_size=1 if packed_input else None,
+        batch_format="pyarrow",
+        # Two tasks in flight per actor: enough to hide the hand-over, few
+        # enough that no actor sits on a queue while another idles at the end.
+        compute=ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
+        **resources,
+    )
 
 
-def _rig_metadata(schema) -> dict[str, str]:
-    """The names of the ``params`` slots and the whole rig, for outputs holding rig vectors."""
-    return {"facejobs.params": json.dumps(list(schema.vector_names)), "facejobs.rig": json.dumps(schema.to_dict())}
+def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[str, str] | None = None
+          ) -> ray.data.Dataset:
+    """The lazy dataset that processes ``rows`` (from :func:`plan`) into ``output``.
 
-
-def _fetch_and_align(spec: AlignJob | PinchJob) -> list[tuple[type, dict[str, Any]]]:
-    """The CPU stages every photo job starts with."""
-    return [
-        (FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
-                      "threads": spec.resources.fetch_threads}),
-        (AlignStage, {"options": spec.options}),
-    ]
-
-
-def _blocks(rows: pa.Table, spec: JobSpec) -> list[pa.Table]:
-    # Small blocks keep the workers evenly busy to the end (a block is the unit
-    # of work a worker takes, and one output part), capped by rows_per_block.
-    resources = spec.resources
-    rows_per_block = min(resources.rows_per_block,
-                         max(8, math.ceil(rows.num_rows / (16 * resources.concurrency))))
-    return [rows.slice(start, rows_per_block) for start in range(0, rows.num_rows, rows_per_block)]
-
-
-def build(spec: JobSpec, rows: pa.Table, output: OutputFolder) -> ray.data.Dataset:
-    """The lazy dataset that processes ``rows`` (from :func:`input_rows`) into ``output``.
-
-    Each input block is processed and committed as one output part by one call;
-    the dataset's rows are the commit records (part, rows, keys).
+    Every block of input rows is processed by one chain of calls and committed as
+    one part, so all the rows of one input key (every face of a photo) land in
+    one part. The dataset's rows are the commit records.
     """
-    blocks = _blocks(rows, spec)
+    kind = kind_of(spec)
     resources = spec.resources
-    if isinstance(spec, AlignJob):
-        chain = _fetch_and_align(spec) + [
-            (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage,
-                           "metadata": _schema_metadata(spec, ALIGN_FIELD_DOCS)}),
-        ]
-        return ray.data.from_arrow(blocks).map_batches(
-            Chain,
-            fn_constructor_kwargs={"stages": chain},
-            batch_size=None,  # one call per block: one block in, one part out
-            batch_format="pyarrow",
-            # Two tasks in flight per actor: enough to hide the hand-over, few
-            # enough that no actor sits on a queue while another idles at the end.
-            compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)),
-                                      max_tasks_in_flight_per_actor=2),
-            num_cpus=_cpu_actor_cpus(spec),
-        )
-    if isinstance(spec, RenderJob):
-        from facecore.rig import HELEN_CLASSES
-
-        schema = rig_schema(spec)
-        metadata = _schema_metadata(spec, RENDER_FIELD_DOCS, **_rig_metadata(schema),
-                                    **{"facejobs.mask_classes": json.dumps(list(HELEN_CLASSES))})
-        chain = [
-            (RenderStage, {"options": spec.options}),
-            (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
-        ]
-        # A pool of CPU workers, as for align: Ray Data's plain task pool kept
-        # only one of two tasks busy much of the time here (1.4x on 2 CPUs vs
-        # 1.85x with actors, bench/render.py).
-        return ray.data.from_arrow(blocks).map_batches(
-            Chain,
-            fn_constructor_kwargs={"stages": chain},
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)),
-                                      max_tasks_in_flight_per_actor=2),
-            num_cpus=_cpu_actor_cpus(spec),
-        )
-    if isinstance(spec, PinchJob):
-        from facecore.rig import default_schema
-
-        cpu_share = _cpu_actor_cpus(spec, pools=2)
-        aligned = ray.data.from_arrow(blocks).map_batches(
-            Chain,
-            fn_constructor_kwargs={"stages": _fetch_and_align(spec)},
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=min(resources.concurrency, len(blocks)), max_tasks_in_flight_per_actor=2),
-            num_cpus=cpu_share,
-        )
-        metadata = _schema_metadata(spec, PINCH_FIELD_DOCS, **_rig_metadata(default_schema()))
-        # The model pool: GPUs when the spec asks (a fraction of a CPU each, so
-        # the CPU pool keeps its cores), the CPU otherwise.
-        return aligned.map_batches(
-            Chain,
-            fn_constructor_kwargs={"stages": [
-                (PinchStage, {"imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser,
-                              "options": spec.options, "storage": spec.storage,
-                              "cpu_threads": _model_threads(spec)}),
-                (CommitStage, {"output_uri": output.location.uri, "storage": spec.storage, "metadata": metadata}),
-            ]},
-            batch_size=resources.batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=resources.concurrency),
-            num_gpus=resources.num_gpus,
-            num_cpus=min(cpu_share, 0.25) if resources.num_gpus > 0 else cpu_share,
-        )
-    raise NotImplementedError(f"kind {spec.kind!r} has no pipeline yet")
+    per_block = rows_per_block(spec, kind, rows.num_rows)
+    blocks = [rows.slice(start, per_block) for start in range(0, rows.num_rows, per_block)]
+    commit = StageSpec(CommitStage, {
+        "output_uri": output.location.uri, "storage": spec.storage, "run_id": output.run_id,
+        "metadata": {
+            "facejobs.kind": spec.kind,
+            "facejobs.options": spec.options.model_dump_json(),
+            "facejobs.columns": json.dumps(kind.field_docs, sort_keys=True),
+            **kind.schema_metadata(spec),
+            **(metadata or {}),
+        }})
+    cpu_pool = min(resources.concurrency, len(blocks))
+    dataset = ray.data.from_arrow(blocks)
+    model = kind.model_stage(spec)
+    if model is None:
+        return _map(dataset, kind.cpu_stages(spec) + kind.finish_stages(spec) + [commit], cpu_pool,
+                    num_cpus=_cpu_actor_cpus(spec, cpu_pool))
+    model_pool = min(resources.model_pool_size, len(blocks))
+    on_gpu = resources.num_gpus > 0
+    cpu_actors = 2 * cpu_pool + (0 if on_gpu else model_pool)
+    cpu_share = _cpu_actor_cpus(spec, cpu_actors)
+    model_cpus = resources.model_num_cpus or (min(cpu_share, GPU_ACTOR_CPUS) if on_gpu else cpu_share)
+    model = StageSpec(model.cls, {**model.kwargs, "cpu_threads": _model_threads(spec)})
+    dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
+    dataset = _map(dataset, [model], model_pool, packed_input=True, packed_output=True, num_cpus=model_cpus,
+                   num_gpus=resources.num_gpus)
+    return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, packed_input=True, num_cpus=cpu_share)
 
 
-def run(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> RunSummary:
+def _check_gpu_scheduling(spec: JobSpec) -> str | None:
+    """With GPUs asked for, ask a task holding one whether it sees CUDA.
+
+    Returns a warning when it does not and ``device`` is ``auto`` (the model runs
+    on the CPU); raises when ``device`` is ``cuda``.
+    """
+    resources = spec.resources
+    if resources.num_gpus <= 0 or resources.device == "cpu":
+        return None
+
+    @ray.remote(num_gpus=resources.num_gpus, num_cpus=0)
+    def cuda_visible() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    if ray.get(cuda_visible.remote()):
+        return None
+    message = f"resources.num_gpus={resources.num_gpus} but the model actors see no CUDA device"
+    if resources.device == "cuda":
+        raise JobFailed(f"{message} and resources.device is cuda")
+    log.warning("%s: running the model on the CPU", message)
+    return f"{message}: the model ran on the CPU"
+
+
+# -- running -----------------------------------------------------------------
+
+@dataclass
+class _Monitor:
+    """Commit records in, progress and the systemic error rate out."""
+
+    spec: JobSpec
+    progress: Progress
+    pending_rows: int
+    keys: int = 0
+    systemic: int = 0
+    errors: Counter = field(default_factory=Counter)
+    devices: set = field(default_factory=set)
+
+    def add(self, record: dict[str, Any]) -> None:
+        statuses = json.loads(record["statuses"])
+        self.keys += record["keys"]
+        self.systemic += record["systemic"]
+        if record["sample_error"]:
+            self.errors[_error_kind(record["sample_error"])] += 1
+        self.devices.update(json.loads(record["devices"]))
+        self.progress.update(record["keys"], statuses)
+
+    def failure(self) -> str | None:
+        """Why the job must stop, once enough rows are in; None while it may go on."""
+        limits = self.spec.limits
+        judged_after = min(limits.min_rows_checked, self.pending_rows)
+        if self.keys < judged_after or self.systemic <= limits.max_error_rate * self.keys:
+            return None
+        common = self.errors.most_common(1)[0][0] if self.errors else "unknown"
+        return (f"{self.systemic} of {self.keys} rows failed for a systemic reason (more than "
+                f"limits.max_error_rate={limits.max_error_rate:g}); most common: {common}")
+
+
+def _error_kind(message: str) -> str:
+    """An error message without the parts that name one object, so that equal causes count together."""
+    return message.split(" s3://")[0].split(": /")[0][:300]
+
+
+def run(spec: JobSpec, *, address: str | None = None, progress: bool = True, verbose: bool = False,
+        allow_spec_change: bool = False, run_id: str | None = None) -> RunSummary:
     """Run a job to completion and return its summary.
 
     Re-running over the same output skips keys already committed. Raises for
-    systemic failure only (bad manifest, unreachable output, missing model).
+    systemic failure only (bad manifest, unreachable output, missing model, a
+    spec change, a concurrent run, too many systemic row errors).
     """
+    from jobs.lease import Lease
+
+    started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
-    manifest = input_rows(spec)
-    folder = OutputFolder(locate(spec.output.path, spec.storage))
-    folder.prepare()
-    done = folder.done_keys()
-    all_keys = manifest.column("key").to_pylist()
-    pending = manifest.filter(pa.array([k not in done for k in all_keys]))
-    log.info("%d input rows, %d already done, %d to process", manifest.num_rows,
-             manifest.num_rows - pending.num_rows, pending.num_rows)
-    if pending.num_rows:
-        if not ray.is_initialized():
-            init_ray(address)
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        records = build(spec, pending, folder).iter_batches(batch_size=None, batch_format="pyarrow")
-        committed = sum(pc.sum(batch.column("keys")).as_py() or 0 for batch in records)
-        log.info("committed %d keys in this run", committed)
-    counts, output_rows, removed, extra = folder.reconcile(set(all_keys))
-    summary = RunSummary(
-        kind=spec.kind,
-        input_rows=manifest.num_rows,
-        processed_rows=pending.num_rows,
-        resumed_rows=manifest.num_rows - pending.num_rows,
-        output_rows=output_rows,
-        status_counts=dict(sorted(counts.items())),
-        parts=len(folder.parts()),
-        seconds=round(time.perf_counter() - started, 3),
-        duplicates_removed=removed,
-        extra_keys=extra,
-        output=folder.location.uri,
-    )
-    folder.write_success(summary)
+    run_id = run_id or f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    job_plan = plan(spec, run_id=run_id, allow_spec_change=allow_spec_change)
+    folder = job_plan.folder
+    folder.location.fs.makedirs(folder.location.path, exist_ok=True)
+    with Lease.acquire(folder.location, run_id, info={"kind": spec.kind}) as lease:
+        lease.start_heartbeat()
+        folder.begin()
+        try:
+            gpu_note, monitor = _process(spec, job_plan, address, progress, verbose, run_id)
+            reconciled = folder.reconcile(job_plan.input_rows.column("key").combine_chunks())
+        finally:
+            folder.end()
+        ended_at = datetime.now(timezone.utc)
+        nodes = [node for node in ray.nodes() if node.get("Alive")] if ray.is_initialized() else []
+        summary = RunSummary(
+            kind=spec.kind,
+            input_rows=job_plan.input_rows.num_rows,
+            processed_rows=job_plan.pending.num_rows,
+            resumed_rows=job_plan.input_rows.num_rows - job_plan.pending.num_rows,
+            output_rows=reconciled.output_rows,
+            status_counts=reconciled.status_counts,
+            parts=reconciled.parts,
+            seconds=round(time.perf_counter() - started, 3),
+            duplicates_removed=reconciled.duplicates_removed,
+            extra_keys=reconciled.extra_keys,
+            stale_rows=reconciled.stale_rows,
+            output=folder.location.uri,
+            run_id=run_id,
+            lineage={
+                "spec": lineage.spec_document(spec),
+                "spec_sha256": lineage.spec_sha256(spec),
+                "fingerprint": lineage.sha256_text(lineage.canonical(job_plan.settings)),
+                "spec_change": job_plan.note,
+                "versions": lineage.versions(),
+                "models": job_plan.models,
+                "started": started_at.isoformat(timespec="seconds"),
+                "ended": ended_at.isoformat(timespec="seconds"),
+                "planning_seconds": round(job_plan.seconds, 3),
+                "driver_host": socket.gethostname(),
+                "nodes": len(nodes),
+                "gpus": sum(node.get("Resources", {}).get("GPU", 0) for node in nodes),
+                "devices": {"cpu_pool": "cpu",
+                            "model_pool": sorted(monitor.devices) if monitor else None},
+                "warnings": [gpu_note] if gpu_note else [],
+            },
+        )
+        folder.write_success(summary)
     return summary
+
+
+def _process(spec: JobSpec, job_plan: Plan, address: str | None, show_progress: bool, verbose: bool,
+             run_id: str) -> tuple[str | None, _Monitor | None]:
+    """Run the pending rows through the pipeline; returns the GPU note and the monitor."""
+    pending = job_plan.pending
+    if not pending.num_rows:
+        return None, None
+    folder = job_plan.folder
+    folder.clear_success()  # only now: a rerun with nothing to do keeps it
+    lineage.record_run(folder, job_plan.settings, {"run_id": run_id, "started": time.time(),
+                                                   "spec_sha256": lineage.spec_sha256(spec)})
+    if not ray.is_initialized():
+        init_ray(address, verbose)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose and show_progress
+    context.print_on_execution_start = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    gpu_note = _check_gpu_scheduling(spec)
+    monitor = _Monitor(spec, Progress(pending.num_rows, enabled=show_progress), pending.num_rows)
+    metadata = {"facejobs.run_id": run_id, "facejobs.spec_sha256": lineage.spec_sha256(spec)}
+    records = build(spec, pending, folder, metadata).iter_batches(batch_size=None, batch_format="pyarrow")
+    failure = None
+    try:
+        for batch in records:
+            for record in batch.to_pylist():
+                monitor.add(record)
+            failure = monitor.failure()
+            if failure:
+                break
+    except Exception as exc:  # a stage raised: a systemic failure (model will not load...)
+        raise JobFailed(f"a {spec.kind} stage failed: {first_real_error(exc)}") from exc
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()  # stops the streaming executor when the job is given up early
+        monitor.progress.close()
+    if failure:
+        raise JobFailed(failure)
+    log.info("committed %d keys in this run", monitor.keys)
+    return gpu_note, monitor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,6 +35,15 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Every spec section: unknown fields are errors, values are frozen.
+StrictModel = _Strict
+
+
+def check_uri(value: str, field: str) -> str:
+    """A spec field holding a location: local path, file:// or s3://, no credentials."""
+    return _check_uri(value, field)
 
 
 def _check_uri(value: str, field: str) -> str:
@@ -60,11 +68,19 @@ class StorageSpec(_Strict):
 
 class InputSpec(_Strict):
     manifest: str  # Parquet / CSV / JSONL file (or folder of Parquet) with a `uri` column
+    # Manifest uris must start with one of these (after resolving relative paths);
+    # empty: any uri on the storage the spec uses (its manifest's and output's schemes).
+    allowed_prefixes: list[str] = Field(default_factory=list)
 
     @field_validator("manifest")
     @classmethod
     def _manifest_uri(cls, value: str) -> str:
         return _check_uri(value, "manifest")
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefix_uris(cls, value: list[str]) -> list[str]:
+        return [_check_uri(prefix, "allowed_prefixes") for prefix in value]
 
 
 class OutputSpec(_Strict):
@@ -77,14 +93,35 @@ class OutputSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    """Where the stages run. Set by the pipeline builder, never inside a stage."""
+    """Where the stages run. Set by the pipeline builder, never inside a stage.
 
-    concurrency: int = Field(2, ge=1)  # actors in each model/CPU pool
+    A job has a CPU pool (fetch, decode, align; encode and commit) and, for kinds
+    with a model, a model pool; each has its own size and CPU share.
+    """
+
+    concurrency: int = Field(2, ge=1)  # actors in the CPU pool
+    num_cpus: float | None = Field(None, gt=0)  # per CPU-pool actor; None = fit the cluster
+    model_concurrency: int | None = Field(None, ge=1)  # actors in the model pool; None = concurrency
     num_gpus: float = Field(0.0, ge=0)  # per model actor; 0 = CPU; fractions allowed
-    num_cpus: float | None = Field(None, gt=0)  # per CPU actor; None = fit the cluster
+    model_num_cpus: float | None = Field(None, gt=0)  # per model actor; None = 0.25 with a GPU, else fit
+    # auto: CUDA when the model actor sees it, else the CPU (with a warning, recorded
+    # in _SUCCESS when GPUs were asked for); cuda: no CUDA is an error; cpu: never CUDA.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     batch_size: int = Field(16, ge=1)  # rows per model call in model (GPU) stages
     fetch_threads: int = Field(8, ge=1)  # parallel object reads per fetch call
-    rows_per_block: int = Field(256, ge=1)  # most input rows per CPU-pool call and per output part
+    # Input rows per CPU-pool call, and so per output part; None: sized by the job
+    # (at least 64 rows or the whole small job, at most 256 rows of images or ~128 MB).
+    rows_per_block: int | None = Field(None, ge=1)
+
+    @property
+    def model_pool_size(self) -> int:
+        return self.model_concurrency or self.concurrency
+
+    @model_validator(mode="after")
+    def _cuda_needs_gpus(self) -> "ResourcesSpec":
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device: cuda needs num_gpus > 0 (a GPU share per model actor)")
+        return self
 
 
 class AlignOptions(_Strict):
@@ -105,167 +142,39 @@ class AlignOptions(_Strict):
         return str(FacePolicy.parse(value))
 
 
-class AlignJob(_Strict):
-    """Detect, landmark and align every face of every image."""
+class LimitsSpec(_Strict):
+    """When a job gives up: systemic failure is loud, not a table of error rows."""
 
-    kind: Literal["align"]
-    input: InputSpec
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
-    models: dict[str, str] = Field(default_factory=dict)
-    options: AlignOptions = AlignOptions()
-    resources: ResourcesSpec = ResourcesSpec()
-
-    @model_validator(mode="after")
-    def _no_models(self) -> "AlignJob":
-        if self.models:
-            raise ValueError(f"models: align uses dlib's packaged models only, got {sorted(self.models)}")
-        return self
+    # Stop when more than this share of the rows checked so far has a systemic
+    # status (fetch_error, model_error, bad_uri...; not no_face or decode_error).
+    max_error_rate: float = Field(0.5, ge=0, le=1)
+    min_rows_checked: int = Field(100, ge=1)  # rows seen before the rate is judged (or the whole job if smaller)
 
 
-class RenderOptions(_Strict):
-    count: int = Field(1000, ge=1)  # renders to sample (ignored with an input manifest)
-    size: int = Field(256, ge=16, le=1024)  # image side in pixels
-    seed: int = Field(0, ge=0)  # sampling seed: row i is drawn from (seed, i)
-    rig: str | None = None  # rig schema YAML; default: the built-in rig
-    fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
-
-    @field_validator("rig")
-    @classmethod
-    def _rig_readable(cls, value: str | None) -> str | None:
-        from facecore.rig import load_schema
-
-        if value is not None:
-            load_schema(value)  # SchemaError is a ValueError: reported at options.rig
-        return value
-
-    @field_validator("fixed")
-    @classmethod
-    def _fixed_in_schema(cls, value: dict, info: ValidationInfo) -> dict:
-        from facecore.rig import default_schema, load_schema
-
-        rig = info.data.get("rig")
-        (load_schema(rig) if rig else default_schema()).complete(value)
-        return value
+# Any job spec: every kind's model has kind, output, storage and resources.
+JobSpec = BaseModel
 
 
-class RenderInputSpec(_Strict):
-    # Optional: a table of parameter sets, one column per parameter name (discrete
-    # groups as their choice), or one `params` column holding flat vectors.
-    manifest: str
+def job_kinds() -> dict:
+    """The registered job kinds by name (see :mod:`jobs.kinds`)."""
+    from jobs.kinds import KINDS
 
-    @field_validator("manifest")
-    @classmethod
-    def _manifest_uri(cls, value: str) -> str:
-        return _check_uri(value, "manifest")
+    return KINDS
 
 
-class RenderJob(_Strict):
-    """Render avatars from sampled or given rig parameters."""
-
-    kind: Literal["render"]
-    input: RenderInputSpec | None = None
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
-    options: RenderOptions = RenderOptions()
-    resources: ResourcesSpec = ResourcesSpec()
+_KIND_SPEC_NAMES = frozenset({"AlignJob", "RenderJob", "RenderOptions", "RenderInputSpec", "LandmarksJob",
+                               "PinchJob", "PinchOptions", "PinchModels", "TrainJob", "TrainData", "TrainOptions",
+                               "TrainResources"})
 
 
-class PinchOptions(AlignOptions):
-    """Align options (68-point affine onto the rig's reference face by default) plus the optimiser."""
+def __getattr__(name: str):
+    # The job models live in their kind's module (jobs.kinds.*); these names
+    # stay importable from here for code written before the kinds were split.
+    if name in _KIND_SPEC_NAMES:
+        from jobs.kinds import SPEC_NAMES
 
-    method: Literal["similarity5", "affine68"] = "affine68"  # SPEC.md §4 aligns with 68 points
-    size: int = Field(128, ge=32, le=2048)  # side of the stored aligned crop
-    max_iterations: int = Field(100, ge=0)
-    learning_rate: float = Field(0.1, gt=0)
-    patience: int = Field(12, ge=1)
-    min_improvement: float = Field(2e-3, ge=0)
-    target_loss: float = Field(0.0, ge=0)
-    prior_weight: float = Field(0.1, ge=0)  # pull towards the reference face; 0 = the seed's plain loss
-    try_styles: bool = True  # choose discrete styles by trying each one (start and snap)
-    render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
-    # Parameters kept at the reference. The shipped models learned frontal renders
-    # and photos arrive aligned to the frontal reference, so the pose is held.
-    hold: list[str] = Field(default_factory=lambda: ["yaw", "pitch", "roll"])
-
-    @field_validator("hold")
-    @classmethod
-    def _hold_in_rig(cls, value: list[str]) -> list[str]:
-        from facecore.rig import default_schema
-
-        unknown = sorted(set(value) - set(default_schema().continuous_names))
-        if unknown:
-            raise ValueError(f"{unknown} are not continuous parameters of the rig")
-        return value
-
-
-class PinchModels(_Strict):
-    # Checkpoint folders (config.json + model.safetensors), any URI; None: the
-    # models the project ships (facecore.presets), found on each worker.
-    imitator: str | None = None
-    parser: str | None = None
-
-    @field_validator("imitator", "parser")
-    @classmethod
-    def _model_uri(cls, value: str | None) -> str | None:
-        return value if value is None else _check_uri(value, "model")
-
-
-class PinchJob(_Strict):
-    """Photos → rig parameters by pinch optimisation (SPEC.md §4)."""
-
-    kind: Literal["pinch"]
-    input: InputSpec
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
-    models: PinchModels = PinchModels()
-    options: PinchOptions = PinchOptions()
-    resources: ResourcesSpec = ResourcesSpec()
-
-
-class TrainData(_Strict):
-    renders: str  # a render job's output folder: (params, image, mask) rows
-    photos: str | None = None  # parser only: an align job's output; masks come from its landmarks
-    validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
-    photo_repeat: int = Field(1, ge=1, le=10000)  # times each photo row appears per epoch
-
-    @field_validator("renders", "photos")
-    @classmethod
-    def _data_uri(cls, value: str | None) -> str | None:
-        return value if value is None else _check_uri(value, "data")
-
-
-class TrainOptions(_Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)  # per worker
-    learning_rate: float = Field(1e-3, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: anneal to 0 over the epochs
-    image_size: int = Field(64, ge=16, le=512)  # renders are resized to this
-    base_channels: int = Field(32, ge=4)
-    seed: int = 0
-
-
-class TrainResources(_Strict):
-    num_workers: int = Field(2, ge=1)  # data-parallel workers (DDP)
-    use_gpu: bool = False
-    cpus_per_worker: float | None = Field(None, gt=0)  # None: fit the cluster, leaving CPU for data reads
-
-
-class TrainJob(_Strict):
-    """Train a model with Ray Train; checkpoints and the final model go to output.path."""
-
-    kind: Literal["train"]
-    model: Literal["imitator", "parser"]
-    data: TrainData
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
-    options: TrainOptions = TrainOptions()
-    resources: TrainResources = TrainResources()
-
-
-JOB_KINDS: dict[str, type[_Strict]] = {"align": AlignJob, "render": RenderJob, "pinch": PinchJob,
-                                       "train": TrainJob}
-JobSpec = Union[AlignJob, RenderJob, PinchJob, TrainJob]
+        return SPEC_NAMES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
@@ -277,10 +186,11 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a spec is a mapping with a 'kind' field, got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in JOB_KINDS:
-        raise SpecError(f"{source}: kind: must be one of {sorted(JOB_KINDS)}, got {kind!r}")
+    kinds = job_kinds()
+    if kind not in kinds:
+        raise SpecError(f"{source}: kind: must be one of {sorted(kinds)}, got {kind!r}")
     try:
-        return JOB_KINDS[kind].model_validate(data)  # type: ignore[return-value]
+        return kinds[kind].spec_model.model_validate(data)  # type: ignore[return-value]
     except ValidationError as exc:
         raise SpecError(f"{source}: " + "; ".join(_describe(error) for error in exc.errors())) from None
 
@@ -304,13 +214,18 @@ def load_spec(path: str | Path) -> JobSpec:
 # Fields holding a location; relative local paths in a spec file are relative to
 # the file, so a spec means the same thing from any working directory (and on
 # Ray workers, whose working directory is not the driver's).
-_LOCATION_FIELDS = (("input", "manifest"), ("output", "path"), ("data", "renders"), ("data", "photos"),
-                    ("models", "imitator"), ("models", "parser"), ("options", "rig"))
+# Every field of ``models`` and ``data`` is one (kinds add their own names).
+_LOCATION_FIELDS = (("input", "manifest"), ("output", "path"), ("options", "rig"))
+_LOCATION_SECTIONS = ("models", "data")
 
 
 def _anchor_local_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     data = dict(data)
-    for section, field in _LOCATION_FIELDS:
+    fields = list(_LOCATION_FIELDS)
+    for section in _LOCATION_SECTIONS:
+        if isinstance(data.get(section), dict):
+            fields += [(section, name) for name in data[section]]
+    for section, field in fields:
         block = data.get(section)
         if not isinstance(block, dict) or not isinstance(block.get(field), str):
             continue

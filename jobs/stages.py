@@ -11,9 +11,10 @@ can be called on a plain dict in a test without Ray.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -21,17 +22,18 @@ import pyarrow as pa
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
-from jobs.spec import AlignOptions, PinchOptions, RenderOptions, StorageSpec
-from jobs.storage import fsspec_options, locate
-
-if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
-    from facecore.methods.pinch import PinchConfig
+from jobs.spec import AlignOptions, StorageSpec
+from jobs.storage import locate
 
 log = logging.getLogger(__name__)
 
 Batch = pa.Table | Mapping[str, Any]
 
 OK = "ok"
+
+# A column the model pool adds so that the commit can report where the model ran
+# (``_SUCCESS`` records devices per pool); the commit drops it from the part.
+DEVICE_COLUMN = "_device"
 
 # Column metadata written into the Parquet schema, so readers know the layout.
 ALIGN_FIELD_DOCS = {
@@ -80,8 +82,9 @@ def _num_rows(cols: Mapping[str, list]) -> int:
 class FetchStage:
     """Read each row's object into a ``data`` column; failures become status rows.
 
-    Input columns: ``key``, ``uri``. Output adds ``data`` (bytes or null),
-    ``status`` ("ok" or "fetch_error" / "too_large") and ``error``.
+    Input columns: ``key``, ``uri``, and optionally ``status``/``error`` from
+    planning (rows not "ok" are not fetched and keep them). Output adds ``data``
+    (bytes or null), ``status`` ("ok", "fetch_error", "too_large"...) and ``error``.
     """
 
     def __init__(self, storage: StorageSpec | None = None, max_bytes: int = 64 * 1024 * 1024,
@@ -90,7 +93,9 @@ class FetchStage:
         self.max_bytes = max_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
 
-    def _fetch(self, uri: str) -> tuple[bytes | None, str, str | None]:
+    def _fetch(self, uri: str | None) -> tuple[bytes | None, str, str | None]:
+        if uri is None:
+            return None, OK, None
         try:
             location = locate(uri, self.storage)
             with location.fs.open(location.path, "rb") as handle:
@@ -107,7 +112,11 @@ class FetchStage:
 
     def __call__(self, batch: Batch) -> pa.Table:
         cols = columns(batch)
-        results = list(self._pool.map(self._fetch, cols["uri"]))
+        planned = cols.get("status") or [OK] * _num_rows(cols)
+        results = list(self._pool.map(self._fetch, [u if s == OK else None for u, s in zip(cols["uri"], planned)]))
+        # Rows refused at planning (bad_uri) keep their status and are not fetched.
+        results = [r if s == OK else (None, s, e) for r, s, e in
+                   zip(results, planned, cols.get("error") or [None] * len(planned))]
         return pa.table(
             {
                 "key": pa.array(cols["key"], pa.string()),
@@ -142,6 +151,9 @@ class AlignStage:
             align_method=options.method,
         )
 
+    # The output schema; a subclass that writes other per-face columns sets its own.
+    schema = ALIGN_SCHEMA
+
     def __call__(self, batch: Batch) -> pa.Table:
         cols = columns(batch)
         rows: list[dict[str, Any]] = []
@@ -151,7 +163,19 @@ class AlignStage:
                 rows.append({"key": key, "uri": uri, "status": cols["status"][i], "error": cols["error"][i]})
                 continue
             rows.extend(self._align_one(key, uri, cols["data"][i]))
-        return pa.Table.from_pylist(rows, schema=ALIGN_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def face_row(self, rgb: np.ndarray, face) -> dict[str, Any]:
+        """The columns of one kept face beyond key, status, size and ranks."""
+        aligned = self.detector.align(rgb, face.landmarks)
+        return {
+            "score": face.score,
+            "box": face.box.as_list(),
+            "landmarks": face.landmarks.astype(np.float32).ravel().tolist(),
+            "aligned_landmarks": aligned.landmarks.astype(np.float32).ravel().tolist(),
+            "matrix": aligned.matrix.ravel().tolist(),
+            "aligned": encode_png(aligned.image),
+        }
 
     def _align_one(self, key: str, uri: str, data: bytes) -> list[dict[str, Any]]:
         base = {"key": key, "uri": uri}
@@ -167,224 +191,176 @@ class AlignStage:
                 wanted = "" if self.policy.mode != "index" else f" at index {self.policy.index}"
                 return [{**base, **size, "status": "no_face", "face_count": len(faces),
                          "error": f"no face{wanted}: {len(faces)} detected"}]
-            rows = []
-            for face in kept:
-                aligned = self.detector.align(image.rgb, face.landmarks)
-                rows.append({
-                    **base,
-                    **size,
-                    "status": OK,
-                    "error": None,
-                    "face_index": faces.index(face),
-                    "face_count": len(faces),
-                    "score": face.score,
-                    "box": face.box.as_list(),
-                    "landmarks": face.landmarks.astype(np.float32).ravel().tolist(),
-                    "aligned_landmarks": aligned.landmarks.astype(np.float32).ravel().tolist(),
-                    "matrix": aligned.matrix.ravel().tolist(),
-                    "aligned": encode_png(aligned.image),
-                })
-            return rows
+            return [{**base, **size, "status": OK, "error": None, "face_index": faces.index(face),
+                     "face_count": len(faces), **self.face_row(image.rgb, face)} for face in kept]
         except Exception as exc:  # a per-image failure inside dlib/OpenCV
             log.warning("align failed for %s: %s", uri, exc)
             return [{**base, **size, "status": "align_error", "error": f"{type(exc).__name__}: {exc}"}]
 
 
-COMMIT_SCHEMA = pa.schema([pa.field("part", pa.string()), pa.field("rows", pa.int64()),
-                           pa.field("keys", pa.int64())])
+# Statuses that say the job, not the row, is wrong (credentials, endpoint, a
+# broken model, a manifest of refused uris): ``limits.max_error_rate`` counts them.
+# ``no_face``, ``decode_error`` and the like are the data's own and never stop a job.
+SYSTEMIC_STATUSES = frozenset({"fetch_error", "model_error", "bad_uri"})
+
+COMMIT_SCHEMA = pa.schema([
+    pa.field("part", pa.string()),
+    pa.field("rows", pa.int64()),
+    pa.field("keys", pa.int64()),
+    pa.field("statuses", pa.string()),  # JSON {status: rows}
+    pa.field("systemic", pa.int64()),  # keys whose rows have a systemic status
+    pa.field("sample_error", pa.string()),  # the first systemic error of the part
+    pa.field("devices", pa.string()),  # JSON list: where the model pool ran these rows
+])
 
 
 class CommitStage:
     """Commit a batch of output rows as one part of the job's output folder.
 
-    Returns one small record per part (its name, row and key counts) instead of
-    the rows themselves, so the images never travel through the object store.
-    Safe to run twice on the same rows: the part name is a hash of their keys.
+    Returns one small record per part (its name, row, key and status counts)
+    instead of the rows themselves, so the images never travel through the object
+    store. Safe to run twice on the same rows: the part name is a hash of their keys.
     """
 
     def __init__(self, output_uri: str, storage: StorageSpec | None = None,
-                 metadata: dict[str, str] | None = None) -> None:
-        self.folder = OutputFolder(locate(output_uri, storage))
+                 metadata: dict[str, str] | None = None, run_id: str | None = None) -> None:
+        self.folder = OutputFolder(locate(output_uri, storage), run_id=run_id)
         self.metadata = metadata or {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
             return COMMIT_SCHEMA.empty_table()
+        devices: list[str] = []
+        if DEVICE_COLUMN in batch.column_names:
+            devices = sorted({d for d in batch.column(DEVICE_COLUMN).to_pylist() if d})
+            batch = batch.drop_columns([DEVICE_COLUMN])
         table = batch.replace_schema_metadata({**(batch.schema.metadata or {}), **self.metadata})
         name = self.folder.commit(table)
-        keys = len(set(table.column("key").to_pylist()))
-        return pa.table({"part": [name], "rows": [table.num_rows], "keys": [keys]}, schema=COMMIT_SCHEMA)
+        keys = table.column("key").to_pylist()
+        statuses = table.column("status").to_pylist()
+        errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(keys)
+        systemic = [(key, error) for key, status, error in zip(keys, statuses, errors) if status in SYSTEMIC_STATUSES]
+        sample = next((f"{status}: {error}" for status, error in zip(statuses, errors)
+                       if status in SYSTEMIC_STATUSES), None)
+        counts: dict[str, int] = {}
+        for status in statuses:
+            counts[status] = counts.get(status, 0) + 1
+        return pa.table({"part": [name], "rows": [table.num_rows], "keys": [len(set(keys))],
+                         "statuses": [json.dumps(counts, sort_keys=True)],
+                         "systemic": [len({key for key, _ in systemic})], "sample_error": [sample],
+                         "devices": [json.dumps(devices)]}, schema=COMMIT_SCHEMA)
 
 
-RENDER_FIELD_DOCS = {
-    "params": "flat rig vector; slot names in facejobs.params",
-    "image": "PNG bytes of the render",
-    "mask": "PNG bytes of the parsing mask, one Helen class index per pixel (facejobs.mask_classes)",
-    "landmarks": "68 iBUG landmarks in pixels, flattened x0,y0,x1,y1,...",
-    "size": "image side in pixels",
-}
+# -- model stages ------------------------------------------------------------
 
-RENDER_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("params", pa.list_(pa.float32())),
-        pa.field("image", pa.binary()),
-        pa.field("mask", pa.binary()),
-        pa.field("landmarks", pa.list_(pa.float32())),
-        pa.field("size", pa.int32()),
-    ]
-)
+# Errors that say the device itself is unusable, not the batch; see ModelStage.
+_CUDA_FATAL = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert")
 
 
-class RenderStage:
-    """Render rig parameter sets: given vectors, or sampled per row from (seed, index).
+class ModelFailure(RuntimeError):
+    """The model cannot work at all (no device, fails on every batch): the job stops."""
 
-    Input columns: ``key``, ``index``, ``params`` (null = sample), ``status``,
-    ``error``. Sampling a row depends only on (seed, index), so any sharding of
-    the rows, and any retry, renders the same pixels.
+
+def pick_device(preference: str = "auto", wants_gpu: bool = False):
+    """The torch device of a model actor and a label for ``_SUCCESS``.
+
+    Args:
+        preference: ``auto`` (CUDA when visible), ``cuda`` (required) or ``cpu``.
+        wants_gpu: the spec gave the actor a GPU share; with ``auto`` and no CUDA
+            the actor runs on the CPU and says so in its label.
+
+    Raises:
+        ModelFailure: ``cuda`` was required and none is visible.
+    """
+    import torch
+
+    visible = torch.cuda.is_available()
+    if preference == "cuda" and not visible:
+        raise ModelFailure("resources.device: cuda, but the model actor sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    if preference != "cpu" and visible:
+        return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name(0)})"
+    if wants_gpu and preference == "auto":
+        log.warning("resources.num_gpus > 0 but no CUDA device is visible: the model runs on the CPU")
+        return torch.device("cpu"), "cpu (fallback: GPUs asked, no CUDA visible)"
+    return torch.device("cpu"), "cpu"
+
+
+class ModelStage:
+    """Base of the model stages: batching, retries, and a loud end for a broken model.
+
+    Subclasses load their models in ``__init__`` (after calling this one, which
+    picks ``self.device``) and implement :meth:`infer`. A block's rows whose
+    status is "ok" go to ``infer`` in sub-batches of ``batch_size``; the others
+    pass through. A sub-batch that raises (out of memory, a bad input) is retried
+    in halves down to single rows, and only a row that fails alone becomes
+    ``model_error``. A model that fails every row of ``failed_blocks_limit``
+    blocks in a row raises :class:`ModelFailure`, which stops the job.
+
+    Attributes:
+        output_schema: the schema of the rows this stage returns (without
+            :data:`DEVICE_COLUMN`, which is added).
     """
 
-    def __init__(self, options: RenderOptions = RenderOptions()) -> None:
-        from facecore.rig import Renderer, default_schema, load_schema
+    output_schema: pa.Schema
+    failed_blocks_limit = 3
 
-        self.options = options
-        self.schema = load_schema(options.rig) if options.rig else default_schema()
-        self.renderer = Renderer(self.schema)
-
-    def params_for(self, index: int) -> np.ndarray:
-        rng = np.random.default_rng([self.options.seed, index])
-        return self.schema.encode(self.schema.sample(rng, 1, self.options.fixed)[0])
-
-    def __call__(self, batch: Batch) -> pa.Table:
-        cols = columns(batch)
-        rows = []
-        for i in range(_num_rows(cols)):
-            key = cols["key"][i]
-            if cols["status"][i] != OK:
-                rows.append({"key": key, "status": cols["status"][i], "error": cols["error"][i]})
-                continue
-            given = cols["params"][i]
-            vector = np.asarray(given, np.float32) if given is not None else self.params_for(int(cols["index"][i]))
-            try:
-                render = self.renderer.render(vector, self.options.size)
-            except Exception as exc:  # a parameter set the renderer cannot draw
-                rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
-                             "params": vector.tolist()})
-                continue
-            rows.append({
-                "key": key,
-                "status": OK,
-                "error": None,
-                "params": vector.tolist(),
-                "image": encode_png(render.image),
-                "mask": encode_png(render.mask),
-                "landmarks": render.landmarks.ravel().tolist(),
-                "size": self.options.size,
-            })
-        return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)
-
-
-PINCH_FIELD_DOCS = {
-    **ALIGN_FIELD_DOCS,
-    "params": "flat rig vector found by pinch; slot names in facejobs.params",
-    "preview": "PNG of the imitator's rendering of params",
-    "render": "PNG of the rig renderer's rendering of params",
-    "loss_start": "feature L1 at the reference face",
-    "loss_end": "feature L1 at the result",
-    "iterations": "optimiser steps taken",
-}
-
-PINCH_SCHEMA = pa.schema(list(ALIGN_SCHEMA) + [
-    pa.field("params", pa.list_(pa.float32())),
-    pa.field("preview", pa.binary()),
-    pa.field("render", pa.binary()),
-    pa.field("loss_start", pa.float32()),
-    pa.field("loss_end", pa.float32()),
-    pa.field("iterations", pa.int32()),
-])
-
-
-def pinch_config(options: PinchOptions) -> PinchConfig:
-    """The optimiser settings of a pinch spec's options."""
-    from facecore.methods.pinch import PinchConfig
-
-    return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
-                       patience=options.patience, min_improvement=options.min_improvement,
-                       target_loss=options.target_loss, prior_weight=options.prior_weight,
-                       try_styles=options.try_styles, hold=tuple(options.hold))
-
-
-class PinchStage:
-    """Pinch every aligned face of a batch at once; rows that failed upstream pass through.
-
-    Loads the imitator and parser once per actor, on the GPU when the actor has
-    one (``num_gpus`` from the spec) and on the CPU otherwise.
-    """
-
-    def __init__(self, imitator_uri: str | None, parser_uri: str | None, options: PinchOptions | None = None,
-                 storage: StorageSpec | None = None, cpu_threads: int | None = None) -> None:
+    def __init__(self, batch_size: int = 16, device: str = "auto", wants_gpu: bool = False,
+                 cpu_threads: int | None = None) -> None:
         import torch
 
-        from facecore import weights
-        from facecore.models.imitator import Imitator
-        from facecore.models.parsing import FaceParser
-        from facecore.presets import preset_path
-        from facecore.rig import Renderer, default_schema
-
-        imitator_uri = imitator_uri or preset_path("imitator")
-        parser_uri = parser_uri or preset_path("parser")
-        self.options = options or PinchOptions()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.device, self.device_label = pick_device(device, wants_gpu)
         if self.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
-        self.imitator = weights.load_model(Imitator, imitator_uri, self.device,
-                                           fsspec_options(storage, imitator_uri)).eval()
-        self.parser = weights.load_model(FaceParser, parser_uri, self.device,
-                                         fsspec_options(storage, parser_uri)).eval()
-        self.schema = default_schema()
-        if self.imitator.config.param_dim != self.schema.vector_size:
-            raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
-                             f"rig {self.schema.name} has {self.schema.vector_size}")
-        self.renderer = Renderer(self.schema)
-        self.config = pinch_config(self.options)
+        self._failed_blocks = 0
+        self._last_error = ""
+
+    def infer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The model's columns for each row (all with status "ok"), in order."""
+        raise NotImplementedError
 
     def __call__(self, batch: Batch) -> pa.Table:
-        import cv2
-        import torch
-
-        from facecore.images import decode_png
-        from facecore.methods.pinch import pinch
-
-        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch), schema=ALIGN_SCHEMA)
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch))
         rows = table.to_pylist()
-        ready = [i for i, row in enumerate(rows) if row["status"] == OK]
-        if ready:
-            size = self.imitator.config.image_size
-            crops = []
-            for i in ready:
-                crop = decode_png(rows[i]["aligned"])
-                crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-                             if crop.shape[0] != size else crop)
-            targets = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
-            try:
-                result = pinch(self.imitator, self.parser, targets, self.schema, self.config)
-                with torch.no_grad():
-                    previews = self.imitator(torch.from_numpy(result.params).to(self.device))
-                previews = (previews.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-                for j, i in enumerate(ready):
-                    rows[i].update(
-                        params=result.params[j].tolist(),
-                        preview=encode_png(previews[j]),
-                        render=encode_png(self.renderer.render(result.params[j], self.options.render_size).image),
-                        loss_start=float(result.loss_start[j]),
-                        loss_end=float(result.loss_end[j]),
-                        iterations=int(result.iterations[j]),
-                    )
-            except Exception as exc:  # a batch the models cannot take: its rows say so
-                log.warning("pinch failed on a batch of %d: %s", len(ready), exc)
-                for i in ready:
-                    rows[i].update(status="model_error", error=f"{type(exc).__name__}: {exc}")
-        return pa.Table.from_pylist(rows, schema=PINCH_SCHEMA)
+        ready = [row for row in rows if row["status"] == OK]
+        failed = sum(self._run(ready[start:start + self.batch_size])
+                     for start in range(0, len(ready), self.batch_size))
+        if ready and failed == len(ready):
+            self._failed_blocks += 1
+            if self._failed_blocks >= self.failed_blocks_limit:
+                raise ModelFailure(f"the model failed on every row of {self._failed_blocks} blocks in a row; "
+                                   f"last error: {self._last_error}")
+        elif ready:
+            self._failed_blocks = 0
+        schema = self.output_schema.append(pa.field(DEVICE_COLUMN, pa.string()))
+        return pa.Table.from_pylist([{**row, DEVICE_COLUMN: self.device_label} for row in rows], schema=schema)
 
+    def _run(self, rows: list[dict[str, Any]]) -> int:
+        """Infer ``rows`` in place, halving on failure; returns how many ended as model_error."""
+        if not rows:
+            return 0
+        try:
+            updates = self.infer(rows)
+        except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried smaller
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._release_memory()
+            if any(marker in str(exc) for marker in _CUDA_FATAL):
+                # The CUDA context is broken: no later batch on this actor can work.
+                raise ModelFailure(f"the device failed: {self._last_error}") from exc
+            if len(rows) == 1:
+                log.warning("model failed on row %s: %s", rows[0].get("key"), self._last_error)
+                rows[0].update(status="model_error", error=self._last_error)
+                return 1
+            half = len(rows) // 2
+            log.warning("model failed on a batch of %d (%s); retrying in halves", len(rows), self._last_error)
+            return self._run(rows[:half]) + self._run(rows[half:])
+        for row, update in zip(rows, updates):
+            row.update(update)
+        return 0
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()

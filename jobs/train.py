@@ -29,7 +29,7 @@ from facecore.models.imitator import Imitator, ImitatorConfig
 from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.training.steps import imitator_eval, imitator_step, parser_eval, parser_step
 from jobs.output import PART_PREFIX, PART_SUFFIX
-from jobs.spec import TrainJob
+from jobs.kinds.train import TrainJob
 from jobs.storage import fsspec_options, locate
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,38 @@ def test_formats_agree(tmp_path):
     (tmp_path / "m.csv").write_text("uri\n" + "\n".join(uris) + "\n")
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"uri": u}) for u in uris) + "\n")
     tables = [read_manifest(str(tmp_path / name)) for name in ("m.parquet", "m.csv", "m.jsonl")]
+    resolved = [str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.png"), "/abs/c.jpg", "s3://bucket/d.jpg"]
     for table in tables:
         assert table.column_names == ["key", "uri"]
-        assert table.column("key").to_pylist() == [stable_key(u) for u in uris]
-        assert table.column("uri").to_pylist() == [
-            str(tmp_path / "a.jpg"), str(tmp_path / "sub/b.png"), "/abs/c.jpg", "s3://bucket/d.jpg"]
+        assert table.column("key").to_pylist() == [stable_key(u) for u in resolved]  # keys of resolved uris
+        assert table.column("uri").to_pylist() == resolved
+
+
+def test_one_photo_written_two_ways_gets_one_key(tmp_path):
+    (tmp_path / "sub").mkdir()
+    spellings = ["sub/a.jpg", f"  {tmp_path}/sub/a.jpg ", f"file://{tmp_path}/sub/a.jpg", "./sub/../sub/a.jpg"]
+    keys = set()
+    for i, spelling in enumerate(spellings):
+        (tmp_path / f"m{i}.csv").write_text(f"uri\n{spelling}\n")
+        table = read_manifest(str(tmp_path / f"m{i}.csv"))
+        assert table.column("uri").to_pylist() == [str(tmp_path / "sub" / "a.jpg")]
+        keys.update(table.column("key").to_pylist())
+    assert keys == {stable_key(str(tmp_path / "sub" / "a.jpg"))}
+    (tmp_path / "both.csv").write_text(f"uri\nsub/a.jpg\nfile://{tmp_path}/sub/a.jpg\n")
+    with pytest.raises(ManifestError, match="duplicate keys"):
+        read_manifest(str(tmp_path / "both.csv"))
+
+
+def test_s3_relative_uris_resolve_in_the_bucket():
+    import pyarrow as pa
+
+    from jobs.manifest import resolve_uris
+    from jobs.storage import locate
+
+    base = locate("s3://bucket/manifests/2026")
+    uris = pa.array(["../photos/a.jpg", "b.jpg", "s3://other/c.jpg", "/abs/d.jpg"])
+    assert resolve_uris(uris, base).to_pylist() == [
+        "s3://bucket/manifests/photos/a.jpg", "s3://bucket/manifests/2026/b.jpg", "s3://other/c.jpg", "/abs/d.jpg"]
 
 
 def test_explicit_keys_kept_as_strings(tmp_path):

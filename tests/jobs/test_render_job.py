@@ -13,8 +13,9 @@ from facecore.images import decode_png
 from facecore.rig import HELEN_CLASSES, default_schema
 from jobs.manifest import sampled_render_rows
 from jobs.pipeline import run
-from jobs.spec import RenderOptions, SpecError, parse_spec
-from jobs.stages import RenderStage
+from jobs.kinds.render import RenderOptions
+from jobs.spec import SpecError, parse_spec
+from jobs.kinds.render import RenderStage
 
 
 def _spec(output, **options) -> dict:

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from jobs.spec import AlignJob, SpecError, load_spec, parse_spec
+from jobs.kinds.align import AlignJob
+from jobs.spec import SpecError, load_spec, parse_spec
 
 BASE = {"kind": "align", "input": {"manifest": "m.parquet"}, "output": {"path": "out/"}}
 

@@ -1,0 +1,40 @@
+"""``kind: align``: detect, landmark and align every face of every photo."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from jobs.kinds.base import PhotoKind
+from jobs.spec import AlignOptions, InputSpec, LimitsSpec, OutputSpec, ResourcesSpec, StorageSpec, StrictModel
+from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA
+
+
+class AlignJob(StrictModel):
+    """Detect, landmark and align every face of every image."""
+
+    kind: Literal["align"]
+    input: InputSpec
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    models: dict[str, str] = Field(default_factory=dict)
+    options: AlignOptions = AlignOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+    limits: LimitsSpec = LimitsSpec()
+
+    @model_validator(mode="after")
+    def _no_models(self) -> "AlignJob":
+        if self.models:
+            raise ValueError(f"models: align uses dlib's packaged models only, got {sorted(self.models)}")
+        return self
+
+
+class AlignKind(PhotoKind):
+    name = "align"
+    spec_model = AlignJob
+    output_schema = ALIGN_SCHEMA
+    field_docs = ALIGN_FIELD_DOCS
+
+
+KIND = AlignKind()

@@ -1,0 +1,239 @@
+"""``kind: pinch``: photos -> rig parameters by pinch optimisation (SPEC.md §4).
+
+CPU pool: fetch, decode, 68-point affine alignment onto the rig's reference face.
+Model pool: the batched optimiser over the imitator and the face parser.
+CPU pool again: the preview and the rig render as PNG, then the commit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from facecore.images import encode_png
+from jobs.kinds.base import PhotoKind, StageSpec
+from jobs.kinds.render import rig_metadata
+from jobs.spec import (
+    AlignOptions,
+    InputSpec,
+    LimitsSpec,
+    OutputSpec,
+    ResourcesSpec,
+    StorageSpec,
+    StrictModel,
+    check_uri,
+)
+from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, DEVICE_COLUMN, Batch, ModelStage
+
+if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
+    from facecore.methods.pinch import PinchConfig
+
+
+class PinchOptions(AlignOptions):
+    """Align options (68-point affine onto the rig's reference face by default) plus the optimiser."""
+
+    method: Literal["similarity5", "affine68"] = "affine68"  # SPEC.md §4 aligns with 68 points
+    size: int = Field(128, ge=32, le=2048)  # side of the stored aligned crop
+    max_iterations: int = Field(100, ge=0)
+    learning_rate: float = Field(0.1, gt=0)
+    patience: int = Field(12, ge=1)
+    min_improvement: float = Field(2e-3, ge=0)
+    target_loss: float = Field(0.0, ge=0)
+    prior_weight: float = Field(0.1, ge=0)  # pull towards the reference face; 0 = the seed's plain loss
+    try_styles: bool = True  # choose discrete styles by trying each one (start and snap)
+    render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
+    # Parameters kept at the reference. The shipped models learned frontal renders
+    # and photos arrive aligned to the frontal reference, so the pose is held.
+    hold: list[str] = Field(default_factory=lambda: ["yaw", "pitch", "roll"])
+
+    @field_validator("hold")
+    @classmethod
+    def _hold_in_rig(cls, value: list[str]) -> list[str]:
+        from facecore.rig import default_schema
+
+        unknown = sorted(set(value) - set(default_schema().continuous_names))
+        if unknown:
+            raise ValueError(f"{unknown} are not continuous parameters of the rig")
+        return value
+
+
+class PinchModels(StrictModel):
+    # Checkpoint folders (config.json + model.safetensors), any URI; None: the
+    # models the project ships (facecore.presets), found on each worker.
+    imitator: str | None = None
+    parser: str | None = None
+
+    @field_validator("imitator", "parser")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return value if value is None else check_uri(value, "model")
+
+
+class PinchJob(StrictModel):
+    """Photos → rig parameters by pinch optimisation (SPEC.md §4)."""
+
+    kind: Literal["pinch"]
+    input: InputSpec
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    models: PinchModels = PinchModels()
+    options: PinchOptions = PinchOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+    limits: LimitsSpec = LimitsSpec()
+
+
+
+PINCH_FIELD_DOCS = {
+    **ALIGN_FIELD_DOCS,
+    "params": "flat rig vector found by pinch; slot names in facejobs.params",
+    "preview": "PNG of the imitator's rendering of params",
+    "render": "PNG of the rig renderer's rendering of params",
+    "loss_start": "feature L1 at the reference face",
+    "loss_end": "feature L1 at the result",
+    "iterations": "optimiser steps taken",
+}
+
+PINCH_SCHEMA = pa.schema(list(ALIGN_SCHEMA) + [
+    pa.field("params", pa.list_(pa.float32())),
+    pa.field("preview", pa.binary()),
+    pa.field("render", pa.binary()),
+    pa.field("loss_start", pa.float32()),
+    pa.field("loss_end", pa.float32()),
+    pa.field("iterations", pa.int32()),
+])
+
+# Between the model pool and the finish stage ``preview`` holds raw RGB bytes,
+# square, of side ``preview_side``: the PNG encoding is CPU work.
+PINCH_MODEL_SCHEMA = PINCH_SCHEMA.append(pa.field("preview_side", pa.int32()))
+
+
+def pinch_config(options: PinchOptions) -> PinchConfig:
+    """The optimiser settings of a pinch spec's options."""
+    from facecore.methods.pinch import PinchConfig
+
+    return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
+                       patience=options.patience, min_improvement=options.min_improvement,
+                       target_loss=options.target_loss, prior_weight=options.prior_weight,
+                       try_styles=options.try_styles, hold=tuple(options.hold))
+
+
+class PinchStage(ModelStage):
+    """Pinch the aligned faces of a block, ``batch_size`` at a time.
+
+    Loads the imitator and parser once per actor, on the GPU when the actor has
+    one and on the CPU otherwise (see :func:`jobs.stages.pick_device`).
+    """
+
+    output_schema = PINCH_MODEL_SCHEMA
+
+    def __init__(self, imitator_uri: str | None, parser_uri: str | None, options: PinchOptions | None = None,
+                 storage: StorageSpec | None = None, batch_size: int = 16, device: str = "auto",
+                 wants_gpu: bool = False, cpu_threads: int | None = None) -> None:
+        from facecore import weights
+        from facecore.models.imitator import Imitator
+        from facecore.models.parsing import FaceParser
+        from facecore.presets import preset_path
+        from facecore.rig import default_schema
+        from jobs.storage import fsspec_options
+
+        super().__init__(batch_size, device, wants_gpu, cpu_threads)
+        imitator_uri = imitator_uri or preset_path("imitator")
+        parser_uri = parser_uri or preset_path("parser")
+        self.options = options or PinchOptions()
+        self.imitator = weights.load_model(Imitator, imitator_uri, self.device,
+                                           fsspec_options(storage, imitator_uri)).eval()
+        self.parser = weights.load_model(FaceParser, parser_uri, self.device,
+                                         fsspec_options(storage, parser_uri)).eval()
+        self.schema = default_schema()
+        if self.imitator.config.param_dim != self.schema.vector_size:
+            raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
+                             f"rig {self.schema.name} has {self.schema.vector_size}")
+        self.config = pinch_config(self.options)
+
+    def infer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import cv2
+        import torch
+
+        from facecore.images import decode_png
+        from facecore.methods.pinch import pinch
+
+        size = self.imitator.config.image_size
+        crops = []
+        for row in rows:
+            crop = decode_png(row["aligned"])
+            crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+                         if crop.shape[0] != size else crop)
+        targets = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
+        result = pinch(self.imitator, self.parser, targets, self.schema, self.config)
+        with torch.no_grad():
+            previews = self.imitator(torch.from_numpy(result.params).to(self.device))
+        previews = (previews.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [{"params": result.params[j].tolist(), "preview": previews[j].tobytes(), "preview_side": size,
+                 "loss_start": float(result.loss_start[j]), "loss_end": float(result.loss_end[j]),
+                 "iterations": int(result.iterations[j])} for j in range(len(rows))]
+
+
+class PinchFinishStage:
+    """CPU side of pinch: the preview as PNG and the rig's own render of the parameters."""
+
+    def __init__(self, render_size: int = 128) -> None:
+        from facecore.rig import Renderer, default_schema
+
+        self.render_size = render_size
+        self.renderer = Renderer(default_schema())
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch))
+        rows = table.to_pylist()
+        for row in rows:
+            side = row.pop("preview_side", None)
+            if row.get("preview") is not None and side:
+                raw = np.frombuffer(row["preview"], np.uint8).reshape(side, side, 3)
+                row["preview"] = encode_png(raw)
+                row["render"] = encode_png(self.renderer.render(np.asarray(row["params"], np.float32),
+                                                                self.render_size).image)
+        schema = PINCH_SCHEMA
+        if DEVICE_COLUMN in table.column_names:
+            schema = schema.append(pa.field(DEVICE_COLUMN, pa.string()))
+        return pa.Table.from_pylist(rows, schema=schema)
+
+
+class PinchKind(PhotoKind):
+    name = "pinch"
+    spec_model = PinchJob
+    output_schema = PINCH_SCHEMA
+    field_docs = PINCH_FIELD_DOCS
+
+    def model_stage(self, spec: PinchJob) -> StageSpec:
+        resources = spec.resources
+        return StageSpec(PinchStage, {
+            "imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser, "options": spec.options,
+            "storage": spec.storage, "batch_size": resources.batch_size, "device": resources.device,
+            "wants_gpu": resources.num_gpus > 0})
+
+    def finish_stages(self, spec: PinchJob) -> list[StageSpec]:
+        return [StageSpec(PinchFinishStage, {"render_size": spec.options.render_size})]
+
+    def schema_metadata(self, spec: PinchJob) -> dict[str, str]:
+        from facecore.rig import default_schema
+
+        return rig_metadata(default_schema())
+
+    def model_files(self, spec: PinchJob) -> dict[str, str]:
+        from facecore import weights
+        from facecore.presets import preset_path
+
+        files = super().model_files(spec)
+        for name in ("imitator", "parser"):
+            folder = getattr(spec.models, name) or preset_path(name)
+            files[name] = f"{str(folder).rstrip('/')}/{weights.WEIGHTS}"
+        return files
+
+    def row_bytes(self, spec: PinchJob) -> int:
+        return super().row_bytes(spec) + int(1.5 * spec.options.render_size ** 2) + 4096
+
+
+KIND = PinchKind()

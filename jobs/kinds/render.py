@@ -1,0 +1,184 @@
+"""``kind: render``: draw avatars from sampled or given rig parameters.
+
+No photos and no model: the CPU pool renders each block and commits it. Row i of
+a sampled job is drawn from (seed, i) alone, so any sharding or retry renders the
+same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator
+
+from facecore.images import encode_png
+from jobs.kinds.base import JobKind, StageSpec
+from jobs.spec import LimitsSpec, OutputSpec, ResourcesSpec, StorageSpec, StrictModel, check_uri
+from jobs.stages import OK, Batch, _num_rows, columns
+
+
+class RenderOptions(StrictModel):
+    count: int = Field(1000, ge=1)  # renders to sample (ignored with an input manifest)
+    size: int = Field(256, ge=16, le=1024)  # image side in pixels
+    seed: int = Field(0, ge=0)  # sampling seed: row i is drawn from (seed, i)
+    rig: str | None = None  # rig schema YAML; default: the built-in rig
+    fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
+
+    @field_validator("rig")
+    @classmethod
+    def _rig_readable(cls, value: str | None) -> str | None:
+        from facecore.rig import load_schema
+
+        if value is not None:
+            load_schema(value)  # SchemaError is a ValueError: reported at options.rig
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_in_schema(cls, value: dict, info: ValidationInfo) -> dict:
+        from facecore.rig import default_schema, load_schema
+
+        rig = info.data.get("rig")
+        (load_schema(rig) if rig else default_schema()).complete(value)
+        return value
+
+
+class RenderInputSpec(StrictModel):
+    # Optional: a table of parameter sets, one column per parameter name (discrete
+    # groups as their choice), or one `params` column holding flat vectors.
+    manifest: str
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_uri(cls, value: str) -> str:
+        return check_uri(value, "manifest")
+
+
+class RenderJob(StrictModel):
+    """Render avatars from sampled or given rig parameters."""
+
+    kind: Literal["render"]
+    input: RenderInputSpec | None = None
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    options: RenderOptions = RenderOptions()
+    resources: ResourcesSpec = ResourcesSpec()
+    limits: LimitsSpec = LimitsSpec()
+
+
+RENDER_FIELD_DOCS = {
+    "params": "flat rig vector; slot names in facejobs.params",
+    "image": "PNG bytes of the render",
+    "mask": "PNG bytes of the parsing mask, one Helen class index per pixel (facejobs.mask_classes)",
+    "landmarks": "68 iBUG landmarks in pixels, flattened x0,y0,x1,y1,...",
+    "size": "image side in pixels",
+}
+
+RENDER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("params", pa.list_(pa.float32())),
+        pa.field("image", pa.binary()),
+        pa.field("mask", pa.binary()),
+        pa.field("landmarks", pa.list_(pa.float32())),
+        pa.field("size", pa.int32()),
+    ]
+)
+
+
+class RenderStage:
+    """Render rig parameter sets: given vectors, or sampled per row from (seed, index).
+
+    Input columns: ``key``, ``index``, ``params`` (null = sample), ``status``,
+    ``error``. Sampling a row depends only on (seed, index), so any sharding of
+    the rows, and any retry, renders the same pixels.
+    """
+
+    def __init__(self, options: RenderOptions = RenderOptions()) -> None:
+        from facecore.rig import Renderer, default_schema, load_schema
+
+        self.options = options
+        self.schema = load_schema(options.rig) if options.rig else default_schema()
+        self.renderer = Renderer(self.schema)
+
+    def params_for(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.options.seed, index])
+        return self.schema.encode(self.schema.sample(rng, 1, self.options.fixed)[0])
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        cols = columns(batch)
+        rows = []
+        for i in range(_num_rows(cols)):
+            key = cols["key"][i]
+            if cols["status"][i] != OK:
+                rows.append({"key": key, "status": cols["status"][i], "error": cols["error"][i]})
+                continue
+            given = cols["params"][i]
+            vector = np.asarray(given, np.float32) if given is not None else self.params_for(int(cols["index"][i]))
+            try:
+                render = self.renderer.render(vector, self.options.size)
+            except Exception as exc:  # a parameter set the renderer cannot draw
+                rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
+                             "params": vector.tolist()})
+                continue
+            rows.append({
+                "key": key,
+                "status": OK,
+                "error": None,
+                "params": vector.tolist(),
+                "image": encode_png(render.image),
+                "mask": encode_png(render.mask),
+                "landmarks": render.landmarks.ravel().tolist(),
+                "size": self.options.size,
+            })
+        return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)
+
+
+
+def rig_schema(spec: RenderJob):
+    """The rig a render job draws: its ``options.rig`` file or the built-in one."""
+    from facecore.rig import default_schema, load_schema
+
+    return load_schema(spec.options.rig) if spec.options.rig else default_schema()
+
+
+def rig_metadata(schema) -> dict[str, str]:
+    """The names of the ``params`` slots and the whole rig, for outputs holding rig vectors."""
+    return {"facejobs.params": json.dumps(list(schema.vector_names)), "facejobs.rig": json.dumps(schema.to_dict())}
+
+
+class RenderKind(JobKind):
+    name = "render"
+    spec_model = RenderJob
+    output_schema = RENDER_SCHEMA
+    field_docs = RENDER_FIELD_DOCS
+
+    def input_rows(self, spec: RenderJob) -> pa.Table:
+        from jobs.manifest import read_param_manifest, sampled_render_rows
+
+        if spec.input is not None:
+            return read_param_manifest(spec.input.manifest, rig_schema(spec), spec.storage)
+        return sampled_render_rows(spec.options.count, spec.options.seed)
+
+    def cpu_stages(self, spec: RenderJob) -> list[StageSpec]:
+        return [StageSpec(RenderStage, {"options": spec.options})]
+
+    def schema_metadata(self, spec: RenderJob) -> dict[str, str]:
+        from facecore.rig import HELEN_CLASSES
+
+        return {**rig_metadata(rig_schema(spec)), "facejobs.mask_classes": json.dumps(list(HELEN_CLASSES))}
+
+    def result_options(self, spec: RenderJob) -> dict:
+        # How many renders a job samples does not change any one of them.
+        return spec.options.model_dump(mode="json", exclude={"count"})
+
+    def row_bytes(self, spec: RenderJob) -> int:
+        return int(2.0 * spec.options.size ** 2) + 2048  # image and mask PNGs
+
+
+KIND = RenderKind()

@@ -1,0 +1,60 @@
+"""The kinds registry and what the photo kinds share, without Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from jobs.kinds import KINDS, kind_of
+from jobs.kinds.base import refuse_bad_uris, storage_schemes
+from jobs.pipeline import rows_per_block
+from jobs.spec import parse_spec
+
+
+def test_every_kind_is_registered_with_its_spec():
+    assert sorted(KINDS) == ["align", "landmarks", "pinch", "render", "train"]
+    for name, kind in KINDS.items():
+        assert kind.name == name
+        assert kind.spec_model.model_fields["kind"].annotation.__args__ == (name,)
+        if kind.runnable:
+            assert kind.output_schema is not None and set(kind.field_docs) <= set(kind.output_schema.names)
+
+
+def test_uris_outside_the_jobs_storage_become_bad_uri():
+    rows = pa.table({"key": list("abcdefg"), "uri": [
+        "/photos/a.jpg",
+        "s3://bucket/b.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "S3://bucket/c.jpg",
+        "s3://user:secret@bucket/d.jpg",
+        "s3://other-bucket/e.jpg",
+        "s3a://bucket/f.jpg",
+    ]})
+    local = refuse_bad_uris(rows, storage_schemes("/m.parquet", "/out"), [])
+    assert local.column("status").to_pylist() == ["ok"] + ["bad_uri"] * 6
+    assert "uri scheme 'http' is not allowed for this job (allowed: local path)" in local.column("error")[2].as_py()
+    on_s3 = refuse_bad_uris(rows, storage_schemes("s3://bucket/m.parquet", "s3://bucket/out"), [])
+    assert on_s3.column("status").to_pylist() == ["bad_uri", "ok", "bad_uri", "ok", "bad_uri", "ok", "ok"]
+    assert on_s3.column("error")[4].as_py() == "uri carries user info or credentials"
+    fenced = refuse_bad_uris(rows, {"s3"}, ["s3://bucket/"])
+    assert fenced.column("status").to_pylist() == ["bad_uri", "ok", "bad_uri", "bad_uri", "bad_uri", "bad_uri",
+                                                   "bad_uri"]
+    assert "outside input.allowed_prefixes" in fenced.column("error")[5].as_py()
+    assert fenced.column("error")[1].as_py() is None
+
+
+@pytest.mark.parametrize("rows, expected", [(20, 20), (100, 100), (200, 67), (1000, 125), (1_000_000, 256)])
+def test_parts_hold_64_rows_or_the_whole_small_job_and_at_most_256_images(rows, expected):
+    spec = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+    assert rows_per_block(spec, kind_of(spec), rows) == expected
+
+
+def test_parts_of_rows_without_images_are_larger_and_explicit_sizes_win():
+    spec = parse_spec({"kind": "landmarks", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
+    assert rows_per_block(spec, kind_of(spec), 10_000_000) == 4096
+    big = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
+                      "options": {"size": 2048}})
+    assert rows_per_block(big, kind_of(big), 1_000_000) == 15  # ~6 MB a crop: parts of about 96 MB
+    fixed = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
+                        "resources": {"rows_per_block": 3}})
+    assert rows_per_block(fixed, kind_of(fixed), 1000) == 3

@@ -110,8 +110,8 @@ def check_rerun(folder: OutputFolder, settings: dict, allow_change: bool) -> str
         old = recorded["settings"]
     else:
         metadata = folder.part_metadata()
-        if metadata is None:
-            return None  # a new output
+        if metadata is None or "facejobs.kind" not in metadata:
+            return None  # a new output, or parts that say nothing of what made them
         # An output from before _JOB existed: its parts still say kind and options.
         old = {"kind": metadata.get("facejobs.kind"),
                "options": json.loads(metadata.get("facejobs.options", "{}"))}

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.storage import Location, write_atomic
+from jobs.storage import Location, list_folder, with_retry, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,8 @@ class OutputFolder:
 
     def parts(self) -> list[str]:
         """Full paths of committed parts, sorted (listed afresh, never from a cache)."""
-        fs = self.location.fs
-        # s3fs caches listings: a resume must see the parts written since.
-        fs.invalidate_cache(self.location.path)
-        if not fs.exists(self.location.path):
-            return []
-        names = [posixpath.basename(p) for p in fs.ls(self.location.path, detail=False)]
+        # Listed afresh: s3fs caches listings, and a resume must see the parts written since.
+        names = list_folder(self.location)
         return sorted(
             posixpath.join(self.location.path, n)
             for n in names
@@ -167,7 +163,8 @@ class OutputFolder:
 
         def read(index_path: tuple[int, str]) -> pa.Table:
             index, path = index_path
-            table = pq.read_table(path, columns=columns, filesystem=self.location.arrow_fs)
+            table = with_retry(lambda: pq.read_table(path, columns=columns, filesystem=self.location.arrow_fs),
+                               what=f"read {path}")
             return table.append_column("part", pa.array(np.full(table.num_rows, index, np.int32)))
 
         if not paths:
@@ -186,11 +183,15 @@ class OutputFolder:
         name = part_name(table.column("key").to_pylist())
         data = table_to_parquet_bytes(table)
         fs = self.location.fs
-        temporary = self.temporary.join(f"{name}.{uuid.uuid4().hex}").path
-        fs.makedirs(self.temporary.path, exist_ok=True)
-        with fs.open(temporary, "wb") as handle:
-            handle.write(data)
-        fs.mv(temporary, self.location.join(name).path)
+
+        def write() -> None:  # safe to repeat: a fresh temporary name, then a move onto the part's name
+            temporary = self.temporary.join(f"{name}.{uuid.uuid4().hex}").path
+            fs.makedirs(self.temporary.path, exist_ok=True)
+            with fs.open(temporary, "wb") as handle:
+                handle.write(data)
+            fs.mv(temporary, self.location.join(name).path)
+
+        with_retry(write, what=f"commit {self.location.join(name).uri}")
         return name
 
     def reconcile(self, expected_keys: pa.Array) -> "Reconciled":

@@ -54,6 +54,7 @@ MAX_IMAGE_PART_ROWS = 256
 MAX_PART_ROWS = 4096
 PART_BYTES = 96 * 1024 * 1024
 IMAGE_ROW_BYTES = 16 * 1024  # a row this large holds an image
+INPUT_BLOCKS_PER_OBJECT = 64
 
 
 # Between pools a block of rows travels packed as one row (Arrow IPC bytes), so
@@ -224,7 +225,14 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
     kind = kind_of(spec)
     resources = spec.resources
     per_block = rows_per_block(spec, kind, rows.num_rows)
-    blocks = [rows.slice(start, per_block) for start in range(0, rows.num_rows, per_block)]
+    blocks = [pack(rows.slice(start, per_block)) for start in range(0, rows.num_rows, per_block)]
+    # Packed blocks go into the object store a few dozen to an object: one put per
+    # block costs milliseconds, which at 20 000 blocks is most of a minute.
+    # An object is one task for one actor: small jobs put a block to an object, so
+    # that every actor of the pool has work.
+    group = max(1, min(INPUT_BLOCKS_PER_OBJECT, len(blocks) // (8 * resources.concurrency)))
+    dataset = ray.data.from_arrow([pa.concat_tables(blocks[start:start + group])
+                                   for start in range(0, len(blocks), group)])
     commit = StageSpec(CommitStage, {
         "output_uri": output.location.uri, "storage": spec.storage, "run_id": output.run_id,
         "metadata": {
@@ -235,18 +243,18 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
             **(metadata or {}),
         }})
     cpu_pool = min(resources.concurrency, len(blocks))
-    dataset = ray.data.from_arrow(blocks)
     model = kind.model_stage(spec)
     if model is None:
         return _map(dataset, kind.cpu_stages(spec) + kind.finish_stages(spec) + [commit], cpu_pool,
-                    num_cpus=_cpu_actor_cpus(spec, cpu_pool))
+                    packed_input=True, num_cpus=_cpu_actor_cpus(spec, cpu_pool))
     model_pool = min(resources.model_pool_size, len(blocks))
     on_gpu = resources.num_gpus > 0
     cpu_actors = 2 * cpu_pool + (0 if on_gpu else model_pool)
     cpu_share = _cpu_actor_cpus(spec, cpu_actors)
     model_cpus = resources.model_num_cpus or (min(cpu_share, GPU_ACTOR_CPUS) if on_gpu else cpu_share)
     model = StageSpec(model.cls, {**model.kwargs, "cpu_threads": _model_threads(spec)})
-    dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
+    dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_input=True, packed_output=True,
+                   num_cpus=cpu_share)
     dataset = _map(dataset, [model], model_pool, packed_input=True, packed_output=True, num_cpus=model_cpus,
                    num_gpus=resources.num_gpus)
     return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, packed_input=True, num_cpus=cpu_share)
@@ -332,11 +340,14 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True, ver
     job_plan = plan(spec, run_id=run_id, allow_spec_change=allow_spec_change)
     folder = job_plan.folder
     folder.location.fs.makedirs(folder.location.path, exist_ok=True)
+    # The lease renews itself on a thread while held; a run that lost it (it
+    # stalled past the lease's ttl and another run took over) stops before it
+    # reconciles or writes _SUCCESS.
     with Lease.acquire(folder.location, run_id, info={"kind": spec.kind}) as lease:
-        lease.start_heartbeat()
         folder.begin()
         try:
             gpu_note, monitor = _process(spec, job_plan, address, progress, verbose, run_id)
+            lease.check()
             reconciled = folder.reconcile(job_plan.input_rows.column("key").combine_chunks())
         finally:
             folder.end()
@@ -374,6 +385,7 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True, ver
                 "warnings": [gpu_note] if gpu_note else [],
             },
         )
+        lease.check()
         folder.write_success(summary)
     return summary
 

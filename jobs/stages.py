@@ -23,7 +23,7 @@ from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_re
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import OutputFolder
 from jobs.spec import AlignOptions, StorageSpec
-from jobs.storage import locate
+from jobs.storage import ObjectNotFound, StorageError, locate, read_object
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,11 @@ class FetchStage:
         if uri is None:
             return None, OK, None
         try:
-            location = locate(uri, self.storage)
-            with location.fs.open(location.path, "rb") as handle:
-                data = handle.read(self.max_bytes + 1)
-        except FileNotFoundError:
-            return None, "fetch_error", f"object not found: {uri}"
-        except IsADirectoryError:
-            return None, "fetch_error", f"is a folder, not an object: {uri}"
-        except Exception as exc:  # network, permissions, bad bucket: all per-row
+            data = read_object(locate(uri, self.storage), self.max_bytes)
+        except StorageError as exc:  # transient failures were retried inside
+            reason = "object not found" if isinstance(exc, ObjectNotFound) else exc.reason.replace("_", " ")
+            return None, exc.status, f"{reason}: {exc}"
+        except Exception as exc:  # anything else about one object stays with its row
             return None, "fetch_error", f"{type(exc).__name__}: {exc}"
         if len(data) > self.max_bytes:
             return None, "too_large", f"file is larger than max_bytes={self.max_bytes}"
@@ -201,7 +198,7 @@ class AlignStage:
 # Statuses that say the job, not the row, is wrong (credentials, endpoint, a
 # broken model, a manifest of refused uris): ``limits.max_error_rate`` counts them.
 # ``no_face``, ``decode_error`` and the like are the data's own and never stop a job.
-SYSTEMIC_STATUSES = frozenset({"fetch_error", "model_error", "bad_uri"})
+SYSTEMIC_STATUSES = frozenset({"fetch_error", "storage_error", "model_error", "bad_uri"})
 
 COMMIT_SCHEMA = pa.schema([
     pa.field("part", pa.string()),

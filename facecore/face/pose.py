@@ -54,8 +54,10 @@ def head_pose(landmarks68: np.ndarray, width: int, height: int) -> HeadPose:
     """
     points = check_landmarks68(landmarks68).astype(np.float64)[list(_POSE_POINTS)]
     camera = np.array([[width, 0.0, width / 2.0], [0.0, width, height / 2.0], [0.0, 0.0, 1.0]])
-    ok, rotation_vector, _ = cv2.solvePnP(_MODEL_MM, points, camera, None, flags=cv2.SOLVEPNP_ITERATIVE)
-    if not ok:
+    # SQPnP finds the global minimum; the iterative solver can settle on a mirror
+    # solution behind the camera (a turned rig face came out rolled by 180 degrees).
+    ok, rotation_vector, translation = cv2.solvePnP(_MODEL_MM, points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    if not ok or translation[2, 0] <= 0:
         raise ValueError("head pose: the landmarks admit no rigid fit")
     rotation, _ = cv2.Rodrigues(rotation_vector)
     # R = Rz(roll) @ Ry(yaw) @ Rx(pitch), in the camera's axes (y down).

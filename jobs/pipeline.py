@@ -346,47 +346,56 @@ def run(spec: JobSpec, *, address: str | None = None, progress: bool = True, ver
     with Lease.acquire(folder.location, run_id, info={"kind": spec.kind}) as lease:
         folder.begin()
         try:
-            gpu_note, monitor = _process(spec, job_plan, address, progress, verbose, run_id)
-            lease.check()
-            reconciled = folder.reconcile(job_plan.input_rows.column("key").combine_chunks())
+            summary = _run_and_reconcile(spec, job_plan, lease, address=address, progress=progress,
+                                         verbose=verbose, run_id=run_id, started_at=started_at, started=started)
         finally:
             folder.end()
-        ended_at = datetime.now(timezone.utc)
-        nodes = [node for node in ray.nodes() if node.get("Alive")] if ray.is_initialized() else []
-        summary = RunSummary(
-            kind=spec.kind,
-            input_rows=job_plan.input_rows.num_rows,
-            processed_rows=job_plan.pending.num_rows,
-            resumed_rows=job_plan.input_rows.num_rows - job_plan.pending.num_rows,
-            output_rows=reconciled.output_rows,
-            status_counts=reconciled.status_counts,
-            parts=reconciled.parts,
-            seconds=round(time.perf_counter() - started, 3),
-            duplicates_removed=reconciled.duplicates_removed,
-            extra_keys=reconciled.extra_keys,
-            stale_rows=reconciled.stale_rows,
-            output=folder.location.uri,
-            run_id=run_id,
-            lineage={
-                "spec": lineage.spec_document(spec),
-                "spec_sha256": lineage.spec_sha256(spec),
-                "fingerprint": lineage.sha256_text(lineage.canonical(job_plan.settings)),
-                "spec_change": job_plan.note,
-                "versions": lineage.versions(),
-                "models": job_plan.models,
-                "started": started_at.isoformat(timespec="seconds"),
-                "ended": ended_at.isoformat(timespec="seconds"),
-                "planning_seconds": round(job_plan.seconds, 3),
-                "driver_host": socket.gethostname(),
-                "nodes": len(nodes),
-                "gpus": sum(node.get("Resources", {}).get("GPU", 0) for node in nodes),
-                "devices": {"cpu_pool": "cpu",
-                            "model_pool": sorted(monitor.devices) if monitor else None},
-                "warnings": [gpu_note] if gpu_note else [],
-            },
-        )
-        lease.check()
-        folder.write_success(summary)
+    return summary
+
+
+def _run_and_reconcile(spec: JobSpec, job_plan: Plan, lease, *, address: str | None, progress: bool,
+                       verbose: bool, run_id: str, started_at: datetime, started: float) -> RunSummary:
+    """Process the pending rows, prove the output whole, write ``_SUCCESS``."""
+    folder = job_plan.folder
+    gpu_note, monitor = _process(spec, job_plan, address, progress, verbose, run_id)
+    lease.check()
+    reconciled = folder.reconcile(job_plan.input_rows.column("key").combine_chunks())
+    ended_at = datetime.now(timezone.utc)
+    nodes = [node for node in ray.nodes() if node.get("Alive")] if ray.is_initialized() else []
+    summary = RunSummary(
+        kind=spec.kind,
+        input_rows=job_plan.input_rows.num_rows,
+        processed_rows=job_plan.pending.num_rows,
+        resumed_rows=job_plan.input_rows.num_rows - job_plan.pending.num_rows,
+        output_rows=reconciled.output_rows,
+        status_counts=reconciled.status_counts,
+        parts=reconciled.parts,
+        seconds=round(time.perf_counter() - started, 3),
+        duplicates_removed=reconciled.duplicates_removed,
+        extra_keys=reconciled.extra_keys,
+        stale_rows=reconciled.stale_rows,
+        output=folder.location.uri,
+        run_id=run_id,
+        lineage={
+            "spec": lineage.spec_document(spec),
+            "spec_sha256": lineage.spec_sha256(spec),
+            "fingerprint": lineage.sha256_text(lineage.canonical(job_plan.settings)),
+            "spec_change": job_plan.note,
+            "versions": lineage.versions(),
+            "models": job_plan.models,
+            "started": started_at.isoformat(timespec="seconds"),
+            "ended": ended_at.isoformat(timespec="seconds"),
+            "planning_seconds": round(job_plan.seconds, 3),
+            "driver_host": socket.gethostname(),
+            "nodes": len(nodes),
+            "gpus": sum(node.get("Resources", {}).get("GPU", 0) for node in nodes),
+            "devices": {"cpu_pool": "cpu",
+                        "model_pool": sorted(monitor.devices) if monitor else None},
+            "warnings": [gpu_note] if gpu_note else [],
+        },
+    )
+    lease.check()
+    folder.write_success(summary)
     return summary
 
 
@@ -427,6 +436,8 @@ def _process(spec: JobSpec, job_plan: Plan, address: str | None, show_progress: 
             close()  # stops the streaming executor when the job is given up early
         monitor.progress.close()
     if failure:
+        # The rows committed so far stay: a rerun after the fix tries the failed
+        # ones again (OutputFolder.done_keys) and resumes past the others.
         raise JobFailed(failure)
     log.info("committed %d keys in this run", monitor.keys)
     return gpu_note, monitor

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
-from jobs.output import OutputFolder
+from jobs.output import SYSTEMIC_STATUSES, OutputFolder
 from jobs.spec import AlignOptions, StorageSpec
 from jobs.storage import ObjectNotFound, StorageError, locate, read_object
 
@@ -194,11 +194,6 @@ class AlignStage:
             log.warning("align failed for %s: %s", uri, exc)
             return [{**base, **size, "status": "align_error", "error": f"{type(exc).__name__}: {exc}"}]
 
-
-# Statuses that say the job, not the row, is wrong (credentials, endpoint, a
-# broken model, a manifest of refused uris): ``limits.max_error_rate`` counts them.
-# ``no_face``, ``decode_error`` and the like are the data's own and never stop a job.
-SYSTEMIC_STATUSES = frozenset({"fetch_error", "storage_error", "model_error", "bad_uri"})
 
 COMMIT_SCHEMA = pa.schema([
     pa.field("part", pa.string()),

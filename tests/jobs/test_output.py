@@ -78,3 +78,17 @@ def test_listing_is_never_stale(tmp_path):
     assert folder.parts() == []
     OutputFolder(locate(str(tmp_path / "out"))).commit(_table(["a"]))  # another writer
     assert len(folder.parts()) == 1
+
+
+def test_keys_that_failed_systemically_are_redone_and_their_new_rows_kept(tmp_path):
+    folder = OutputFolder(locate(str(tmp_path / "out")))
+    folder.begin()
+    folder.commit(_table(["a", "b", "c"], ["storage_error", "ok", "fetch_error"]))
+    folder.commit(_table(["d"], ["no_face"]))
+    assert sorted(folder.done_keys().to_pylist()) == ["b", "d"]  # a and c are tried again
+    folder.commit(_table(["a", "c"], ["ok", "fetch_error"]))  # the rerun: a now works, c is still missing
+    result = folder.reconcile(pa.array(["a", "b", "c", "d"]))
+    assert result.status_counts == {"ok": 2, "fetch_error": 1, "no_face": 1} and result.duplicates_removed == 2
+    table = pa.concat_tables(pq.read_table(p) for p in folder.parts())
+    assert sorted(zip(table.column("key").to_pylist(), table.column("status").to_pylist())) == [
+        ("a", "ok"), ("b", "ok"), ("c", "fetch_error"), ("d", "no_face")]

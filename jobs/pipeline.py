@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy
 
 from jobs import lineage
 from jobs.kinds import JobKind, StageSpec, kind_of
-from jobs.output import JobFailed, OutputFolder, RunSummary
+from jobs.output import SYSTEMIC_STATUSES, JobFailed, OutputFolder, RunSummary
 from jobs.progress import Progress, first_real_error
 from jobs.spec import JobSpec, SpecError
 from jobs.stages import CommitStage
@@ -293,7 +293,6 @@ class _Monitor:
 
     spec: JobSpec
     progress: Progress
-    pending_rows: int
     keys: int = 0
     systemic: int = 0
     errors: Counter = field(default_factory=Counter)
@@ -309,14 +308,17 @@ class _Monitor:
         self.progress.update(record["keys"], statuses)
 
     def failure(self) -> str | None:
-        """Why the job must stop, once enough rows are in; None while it may go on."""
+        """Why the job must stop now, once ``min_rows_checked`` rows are in; None while it may go on."""
         limits = self.spec.limits
-        judged_after = min(limits.min_rows_checked, self.pending_rows)
-        if self.keys < judged_after or self.systemic <= limits.max_error_rate * self.keys:
+        if self.keys < limits.min_rows_checked or self.systemic <= limits.max_error_rate * self.keys:
             return None
-        common = self.errors.most_common(1)[0][0] if self.errors else "unknown"
-        return (f"{self.systemic} of {self.keys} rows failed for a systemic reason (more than "
-                f"limits.max_error_rate={limits.max_error_rate:g}); most common: {common}")
+        return _too_many_failures(self.systemic, self.keys, limits.max_error_rate, self.errors)
+
+
+def _too_many_failures(failed: int, rows: int, rate: float, errors: Counter) -> str:
+    common = errors.most_common(1)[0][0] if errors else "see the error column"
+    return (f"{failed} of {rows} rows failed for a systemic reason (more than limits.max_error_rate={rate:g}); "
+            f"most common: {common}")
 
 
 def _error_kind(message: str) -> str:
@@ -360,6 +362,13 @@ def _run_and_reconcile(spec: JobSpec, job_plan: Plan, lease, *, address: str | N
     gpu_note, monitor = _process(spec, job_plan, address, progress, verbose, run_id)
     lease.check()
     reconciled = folder.reconcile(job_plan.input_rows.column("key").combine_chunks())
+    # Judged again over the whole output: a job too small to be stopped early, or
+    # one that failed slowly, does not end with _SUCCESS either. A rerun that only
+    # retried a few missing objects is judged with the rows it resumed past.
+    failed = sum(count for status, count in reconciled.status_counts.items() if status in SYSTEMIC_STATUSES)
+    if reconciled.output_rows and failed > spec.limits.max_error_rate * reconciled.output_rows:
+        raise JobFailed(_too_many_failures(failed, reconciled.output_rows, spec.limits.max_error_rate,
+                                           monitor.errors if monitor else Counter()))
     ended_at = datetime.now(timezone.utc)
     nodes = [node for node in ray.nodes() if node.get("Alive")] if ray.is_initialized() else []
     summary = RunSummary(
@@ -415,9 +424,11 @@ def _process(spec: JobSpec, job_plan: Plan, address: str | None, show_progress: 
     context.enable_progress_bars = verbose and show_progress
     context.print_on_execution_start = verbose
     if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data logs its plan, operator stats and "progress bars disabled" notes:
+        # the progress line says what a person needs; --verbose shows the rest.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     gpu_note = _check_gpu_scheduling(spec)
-    monitor = _Monitor(spec, Progress(pending.num_rows, enabled=show_progress), pending.num_rows)
+    monitor = _Monitor(spec, Progress(pending.num_rows, enabled=show_progress))
     metadata = {"facejobs.run_id": run_id, "facejobs.spec_sha256": lineage.spec_sha256(spec)}
     records = build(spec, pending, folder, metadata).iter_batches(batch_size=None, batch_format="pyarrow")
     failure = None

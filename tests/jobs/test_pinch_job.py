@@ -58,8 +58,69 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
                     if "MapWorker" in a.class_name and (a.required_resources or {}).get("GPU")]
     assert pinch_actors and all(a.required_resources["GPU"] == 0.5 for a in pinch_actors)
 
-    again = run(spec, progress=False)  # resumable: nothing left to do
-    assert again.processed_rows == 0 and again.output_rows == len(corpus)
+    lineage = summary.lineage  # a GPU share was asked for and no CUDA is here: said and recorded
+    assert lineage["devices"]["model_pool"] == ["cpu (fallback: GPUs asked, no CUDA visible)"]
+    assert any("see no CUDA device" in warning for warning in lineage["warnings"])
+    assert set(lineage["models"]) >= {"imitator", "parser", "dlib_landmarks68"}
+
+    again = run(spec, progress=False)  # resumable: only the missing object (a systemic status) is tried again
+    assert again.processed_rows == 1 and again.output_rows == len(corpus)
+    assert again.status_counts == summary.status_counts
+
+
+def test_cuda_required_but_absent_fails_fast(ray_cluster, photos, checkpoints, tmp_path):
+    import time
+
+    from jobs.output import JobFailed
+
+    write_manifest([str(photos["obama.jpg"])], str(tmp_path / "m.parquet"))
+    spec = parse_spec({
+        "kind": "pinch", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": str(tmp_path / "out")},
+        "models": checkpoints, "resources": {"num_gpus": 0.5, "device": "cuda"}})
+    started = time.monotonic()
+    with pytest.raises(JobFailed, match="no CUDA device and resources.device is cuda"):
+        run(spec, progress=False)
+    assert time.monotonic() - started < 60 and not (tmp_path / "out" / "_SUCCESS").exists()
+    with pytest.raises(SpecError, match=r"resources: .*device: cuda needs num_gpus > 0"):
+        parse_spec({"kind": "pinch", "input": {"manifest": "m"}, "output": {"path": "o"},
+                    "resources": {"device": "cuda"}})
+
+
+def test_every_face_of_a_group_photo_lands_in_one_part(ray_cluster, photos, checkpoints, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    names = ["obama.jpg", "biden.jpg", "obama2.jpg"]
+    faces = [Image.open(photos[name]).convert("RGB").resize((300, 380)) for name in names]
+    uris = []
+    for count in (2, 3, 2, 3):  # group photos of two and three people
+        group = Image.new("RGB", (300 * count, 380), (120, 120, 120))
+        for i in range(count):
+            group.paste(faces[(i + count) % 3], (300 * i, 0))
+        path = tmp_path / f"group{len(uris)}.jpg"
+        group.save(path, quality=92)
+        uris.append(str(path))
+    write_manifest(uris, str(tmp_path / "m.parquet"))
+    common = {"input": {"manifest": str(tmp_path / "m.parquet")}, "options": {"faces": "all", "size": 64}}
+    run(parse_spec({"kind": "align", **common, "output": {"path": str(tmp_path / "align")},
+                    "options": {**common["options"], "method": "affine68"}}), progress=False)
+    aligned = pd.read_parquet(tmp_path / "align")
+    assert len(aligned) >= 8 and aligned.groupby("key").size().min() >= 2 and set(aligned.status) == {"ok"}
+    spec = parse_spec({"kind": "pinch", **common, "output": {"path": str(tmp_path / "pinch")}, "models": checkpoints,
+                       "options": {**common["options"], "max_iterations": 2, "render_size": 32},
+                       "resources": {"batch_size": 1, "concurrency": 2, "model_concurrency": 1,
+                                     "rows_per_block": 2}})
+    first = run(spec, progress=False)
+    pinched = pd.read_parquet(tmp_path / "pinch")
+    assert sorted(zip(pinched.key, pinched.face_index)) == sorted(zip(aligned.key, aligned.face_index))
+    owners: dict[str, set] = {}
+    for part in (tmp_path / "pinch").glob("part-*.parquet"):
+        for key in pq.read_table(part, columns=["key"]).column("key").to_pylist():
+            owners.setdefault(key, set()).add(part.name)
+    assert all(len(parts) == 1 for parts in owners.values()) and first.duplicates_removed == 0
+    again = run(spec, progress=False)
+    assert again.processed_rows == 0 and again.output_rows == len(aligned)
+    assert len(pd.read_parquet(tmp_path / "pinch")) == len(aligned)
 
 
 def test_pinch_spec_knows_its_held_parameters(tmp_path):

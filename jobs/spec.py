@@ -124,10 +124,19 @@ class ResourcesSpec(_Strict):
         return self
 
 
-class AlignOptions(_Strict):
+class LimitsSpec(_Strict):
+    """When a job gives up: systemic failure is loud, not a table of error rows."""
+
+    # Stop when more than this share of the rows checked so far has a systemic
+    # status (fetch_error, model_error, bad_uri...; not no_face or decode_error).
+    max_error_rate: float = Field(0.5, ge=0, le=1)
+    min_rows_checked: int = Field(100, ge=1)  # rows seen before the rate is judged (or the whole job if smaller)
+
+
+class DetectOptions(_Strict):
+    """How photos are read and their faces found: every photo kind has these."""
+
     faces: str = "largest"  # largest | all | index:N (faces ordered by area)
-    size: int = Field(256, ge=32, le=2048)  # side of the aligned crop
-    method: Literal["similarity5", "affine68"] = "similarity5"
     detector: Literal["hog", "cnn"] = "hog"
     detect_max_side: int = Field(640, ge=0)  # detect on a copy this size; 0 = full size
     upsample: int = Field(1, ge=0, le=3)
@@ -142,13 +151,22 @@ class AlignOptions(_Strict):
         return str(FacePolicy.parse(value))
 
 
-class LimitsSpec(_Strict):
-    """When a job gives up: systemic failure is loud, not a table of error rows."""
+class AlignOptions(DetectOptions):
+    """Detection, then the aligned crop."""
 
-    # Stop when more than this share of the rows checked so far has a systemic
-    # status (fetch_error, model_error, bad_uri...; not no_face or decode_error).
-    max_error_rate: float = Field(0.5, ge=0, le=1)
-    min_rows_checked: int = Field(100, ge=1)  # rows seen before the rate is judged (or the whole job if smaller)
+    size: int = Field(256, ge=32, le=2048)  # side of the aligned crop
+    method: Literal["similarity5", "affine68"] = "similarity5"
+
+
+class PhotoJob(_Strict):
+    """The sections every job over a manifest of photos has; a kind adds ``kind``,
+    ``options`` and, if it has models, ``models``."""
+
+    input: InputSpec
+    output: OutputSpec
+    storage: StorageSpec = StorageSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    limits: LimitsSpec = LimitsSpec()
 
 
 # Any job spec: every kind's model has kind, output, storage and resources.

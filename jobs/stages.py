@@ -22,7 +22,7 @@ import pyarrow as pa
 from facecore.face import DetectorConfig, FaceDetector, FacePolicy, mean_face_reference
 from facecore.images import DecodeLimits, ImageError, decode, encode_png
 from jobs.output import SYSTEMIC_STATUSES, OutputFolder
-from jobs.spec import AlignOptions, StorageSpec
+from jobs.spec import AlignOptions, DetectOptions, StorageSpec
 from jobs.storage import ObjectNotFound, StorageError, locate, read_object
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,11 @@ class AlignStage:
     (or no face at the requested index) becomes one ``no_face`` row.
     """
 
-    def __init__(self, options: AlignOptions = AlignOptions()) -> None:
+    def __init__(self, options: DetectOptions = AlignOptions()) -> None:
         self.options = options
         self.policy = FacePolicy.parse(options.faces)
         self.limits = DecodeLimits(max_pixels=options.max_pixels, min_side=options.min_side)
+        crop = options if isinstance(options, AlignOptions) else AlignOptions()  # detection-only kinds
         self.detector = FaceDetector(
             DetectorConfig(
                 detector=options.detector,
@@ -144,8 +145,8 @@ class AlignStage:
                 upsample=options.upsample,
                 min_score=options.min_score,
             ),
-            reference=mean_face_reference(options.size),
-            align_method=options.method,
+            reference=mean_face_reference(crop.size),
+            align_method=crop.method,
         )
 
     # The output schema; a subclass that writes other per-face columns sets its own.
@@ -162,13 +163,17 @@ class AlignStage:
             rows.extend(self._align_one(key, uri, cols["data"][i]))
         return pa.Table.from_pylist(rows, schema=self.schema)
 
+    @staticmethod
+    def detection_columns(face) -> dict[str, Any]:
+        """What the detector says of one face: score, box, 68 landmarks."""
+        return {"score": face.score, "box": face.box.as_list(),
+                "landmarks": face.landmarks.astype(np.float32).ravel().tolist()}
+
     def face_row(self, rgb: np.ndarray, face) -> dict[str, Any]:
         """The columns of one kept face beyond key, status, size and ranks."""
         aligned = self.detector.align(rgb, face.landmarks)
         return {
-            "score": face.score,
-            "box": face.box.as_list(),
-            "landmarks": face.landmarks.astype(np.float32).ravel().tolist(),
+            **self.detection_columns(face),
             "aligned_landmarks": aligned.landmarks.astype(np.float32).ravel().tolist(),
             "matrix": aligned.matrix.ravel().tolist(),
             "aligned": encode_png(aligned.image),

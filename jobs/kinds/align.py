@@ -7,21 +7,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from jobs.kinds.base import PhotoKind
-from jobs.spec import AlignOptions, InputSpec, LimitsSpec, OutputSpec, ResourcesSpec, StorageSpec, StrictModel
+from jobs.spec import AlignOptions, PhotoJob
 from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA
 
 
-class AlignJob(StrictModel):
+class AlignJob(PhotoJob):
     """Detect, landmark and align every face of every image."""
 
     kind: Literal["align"]
-    input: InputSpec
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
     models: dict[str, str] = Field(default_factory=dict)
     options: AlignOptions = AlignOptions()
-    resources: ResourcesSpec = ResourcesSpec()
-    limits: LimitsSpec = LimitsSpec()
 
     @model_validator(mode="after")
     def _no_models(self) -> "AlignJob":

@@ -12,61 +12,31 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
-
 from facecore.face.pose import head_pose
 from jobs.kinds.base import PhotoKind, StageSpec
-from jobs.spec import AlignOptions, InputSpec, LimitsSpec, OutputSpec, ResourcesSpec, StorageSpec, StrictModel
-from jobs.stages import AlignStage, FetchStage
+from jobs.spec import DetectOptions, PhotoJob
+from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, AlignStage, FetchStage
 
 
-class LandmarksOptions(AlignOptions):
-    """Detection options of align; nothing is cropped, so no size or alignment method."""
-
-    size: int = Field(256, ge=32, le=2048)  # unused: kept so the align options validate alike
-
-
-class LandmarksJob(StrictModel):
+class LandmarksJob(PhotoJob):
     """Detect every face and write its 68 landmarks and head pose."""
 
     kind: Literal["landmarks"]
-    input: InputSpec
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
-    options: LandmarksOptions = LandmarksOptions()
-    resources: ResourcesSpec = ResourcesSpec()
-    limits: LimitsSpec = LimitsSpec()
+    options: DetectOptions = DetectOptions()  # nothing is cropped: no size or alignment method
 
 
-LANDMARKS_FIELD_DOCS = {
-    "face_index": "rank of this face by box area in the source, 0 = largest",
-    "face_count": "faces detected in the source",
-    "score": "detector confidence",
-    "box": "detector box [left, top, right, bottom] in source pixels",
-    "landmarks": "68 iBUG landmarks in source pixels, flattened x0,y0,x1,y1,...",
+POSE_FIELD_DOCS = {
     "yaw": "degrees; positive when the face turns towards the image's right",
     "pitch": "degrees; positive when the face tilts down",
     "roll": "degrees; positive when the face tilts clockwise in the image",
-    "width": "source width after EXIF orientation",
-    "height": "source height after EXIF orientation",
 }
+_CROP_COLUMNS = ("aligned_landmarks", "matrix", "aligned")
 
-LANDMARKS_SCHEMA = pa.schema([
-    pa.field("key", pa.string()),
-    pa.field("uri", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("face_index", pa.int32()),
-    pa.field("face_count", pa.int32()),
-    pa.field("score", pa.float32()),
-    pa.field("box", pa.list_(pa.float32())),
-    pa.field("landmarks", pa.list_(pa.float32())),
-    pa.field("yaw", pa.float32()),
-    pa.field("pitch", pa.float32()),
-    pa.field("roll", pa.float32()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-])
+# The align rows without the crop, with the pose.
+LANDMARKS_FIELD_DOCS = {**{k: v for k, v in ALIGN_FIELD_DOCS.items() if k not in _CROP_COLUMNS},
+                        "score": "detector confidence", **POSE_FIELD_DOCS}
+LANDMARKS_SCHEMA = pa.schema([field for field in ALIGN_SCHEMA if field.name not in _CROP_COLUMNS]
+                             + [pa.field(name, pa.float32()) for name in POSE_FIELD_DOCS])
 
 
 class LandmarksStage(AlignStage):
@@ -76,14 +46,7 @@ class LandmarksStage(AlignStage):
 
     def face_row(self, rgb: np.ndarray, face) -> dict[str, Any]:
         pose = head_pose(face.landmarks, rgb.shape[1], rgb.shape[0])
-        return {
-            "score": face.score,
-            "box": face.box.as_list(),
-            "landmarks": face.landmarks.astype(np.float32).ravel().tolist(),
-            "yaw": pose.yaw,
-            "pitch": pose.pitch,
-            "roll": pose.roll,
-        }
+        return {**self.detection_columns(face), "yaw": pose.yaw, "pitch": pose.pitch, "roll": pose.roll}
 
 
 class LandmarksKind(PhotoKind):

@@ -16,16 +16,7 @@ from pydantic import Field, field_validator
 from facecore.images import encode_png
 from jobs.kinds.base import PhotoKind, StageSpec
 from jobs.kinds.render import rig_metadata
-from jobs.spec import (
-    AlignOptions,
-    InputSpec,
-    LimitsSpec,
-    OutputSpec,
-    ResourcesSpec,
-    StorageSpec,
-    StrictModel,
-    check_uri,
-)
+from jobs.spec import AlignOptions, PhotoJob, StorageSpec, StrictModel, check_uri
 from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, DEVICE_COLUMN, Batch, ModelStage
 
 if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
@@ -72,17 +63,12 @@ class PinchModels(StrictModel):
         return value if value is None else check_uri(value, "model")
 
 
-class PinchJob(StrictModel):
+class PinchJob(PhotoJob):
     """Photos → rig parameters by pinch optimisation (SPEC.md §4)."""
 
     kind: Literal["pinch"]
-    input: InputSpec
-    output: OutputSpec
-    storage: StorageSpec = StorageSpec()
     models: PinchModels = PinchModels()
     options: PinchOptions = PinchOptions()
-    resources: ResourcesSpec = ResourcesSpec()
-    limits: LimitsSpec = LimitsSpec()
 
 
 

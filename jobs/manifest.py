@@ -253,11 +253,12 @@ def read_param_manifest(uri: str, schema, storage: StorageSpec | None = None) ->
 
 def sampled_render_rows(count: int, seed: int) -> pa.Table:
     """Rows for ``count`` sampled renders; row i's parameters are drawn from (seed, i)."""
-    index = np.arange(count, dtype=np.int64)
+    index = pa.array(np.arange(count, dtype=np.int64))
+    digits = pc.utf8_lpad(pc.cast(index, pa.string()), 9, "0")  # Arrow, not a Python string per row
     return pa.table({
-        "key": pa.array([f"s{seed}-{i:09d}" for i in range(count)], pa.string()),
-        "index": pa.array(index),
+        "key": pc.binary_join_element_wise(f"s{seed}-", digits, ""),
+        "index": index,
         "params": pa.nulls(count, pa.list_(pa.float32())),
-        "status": pa.array(["ok"] * count, pa.string()),
+        "status": pa.repeat(pa.scalar("ok", pa.string()), count),
         "error": pa.nulls(count, pa.string()),
     })

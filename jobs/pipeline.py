@@ -256,7 +256,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
     dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_input=True, packed_output=True,
                    num_cpus=cpu_share)
     dataset = _map(dataset, [model], model_pool, packed_input=True, packed_output=True, num_cpus=model_cpus,
-                   num_gpus=resources.num_gpus)
+                   num_gpus=resources.num_gpus, max_restarts=resources.model_restarts)
     return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, packed_input=True, num_cpus=cpu_share)
 
 

@@ -108,6 +108,9 @@ class ResourcesSpec(_Strict):
     # in _SUCCESS when GPUs were asked for); cuda: no CUDA is an error; cpu: never CUDA.
     device: Literal["auto", "cuda", "cpu"] = "auto"
     batch_size: int = Field(16, ge=1)  # rows per model call in model (GPU) stages
+    # Fresh starts of a model actor whose device broke (or whose node was lost)
+    # before the job fails; -1: no limit (spot GPU nodes that come and go).
+    model_restarts: int = Field(3, ge=-1)
     fetch_threads: int = Field(8, ge=1)  # parallel object reads per fetch call
     # Input rows per CPU-pool call, and so per output part; None: sized by the job
     # (at least 64 rows or the whole small job, at most 256 rows of images or ~128 MB).

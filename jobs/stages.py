@@ -254,6 +254,11 @@ class CommitStage:
 _CUDA_FATAL = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert")
 
 
+def exit_process(code: int) -> None:
+    """End this worker process at once (no cleanup that could touch the broken device)."""
+    os._exit(code)
+
+
 class ModelFailure(RuntimeError):
     """The model cannot work at all (no device, fails on every batch): the job stops."""
 
@@ -291,7 +296,8 @@ class ModelStage:
     status is "ok" go to ``infer`` in sub-batches of ``batch_size``; the others
     pass through. A sub-batch that raises (out of memory, a bad input) is retried
     in halves down to single rows, and only a row that fails alone becomes
-    ``model_error``. A model that fails every row of ``failed_blocks_limit``
+    ``model_error``. A CUDA error that breaks the device ends the actor's process,
+    so that the block is retried on a fresh actor. A model that fails every row of ``failed_blocks_limit``
     blocks in a row raises :class:`ModelFailure`, which stops the job.
 
     Attributes:
@@ -343,8 +349,12 @@ class ModelStage:
             self._last_error = f"{type(exc).__name__}: {exc}"
             self._release_memory()
             if any(marker in str(exc) for marker in _CUDA_FATAL):
-                # The CUDA context is broken: no later batch on this actor can work.
-                raise ModelFailure(f"the device failed: {self._last_error}") from exc
+                # The CUDA context is broken: no later batch in this process can
+                # work. End the process: Ray starts a fresh actor and gives it this
+                # block again (stages are safe to run twice); after
+                # resources.model_restarts fresh actors the job fails.
+                log.error("the device failed (%s): restarting this model actor", self._last_error)
+                exit_process(1)
             if len(rows) == 1:
                 log.warning("model failed on row %s: %s", rows[0].get("key"), self._last_error)
                 rows[0].update(status="model_error", error=self._last_error)

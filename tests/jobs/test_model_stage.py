@@ -73,6 +73,26 @@ def test_a_model_that_fails_every_row_stops_the_job():
         healthy(_batch(["2"]))  # a success between failures resets the count
 
 
+def test_a_broken_device_ends_the_actor_so_ray_retries_on_a_fresh_one(monkeypatch):
+    import jobs.stages
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(jobs.stages, "exit_process", fake_exit)
+
+    class Broken(Doubler):
+        def infer(self, rows):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(SystemExit):
+        Broken(batch_size=4)(_batch(["1", "2"]))
+    assert exits == [1]
+
+
 def test_cuda_required_without_cuda_fails_at_once_and_auto_falls_back_with_a_label():
     with pytest.raises(ModelFailure, match="resources.device: cuda, but the model actor sees no CUDA device"):
         Doubler(device="cuda", wants_gpu=True)

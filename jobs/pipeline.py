@@ -55,6 +55,7 @@ MAX_PART_ROWS = 4096
 PART_BYTES = 96 * 1024 * 1024
 IMAGE_ROW_BYTES = 16 * 1024  # a row this large holds an image
 INPUT_BLOCKS_PER_OBJECT = 64
+GPU_PROBE_TIMEOUT_S = 900
 
 
 # Between pools a block of rows travels packed as one row (Arrow IPC bytes), so
@@ -276,8 +277,13 @@ def _check_gpu_scheduling(spec: JobSpec) -> str | None:
 
         return torch.cuda.is_available()
 
-    if ray.get(cuda_visible.remote()):
-        return None
+    try:
+        # On an autoscaling cluster the first GPU node may take minutes to start.
+        if ray.get(cuda_visible.remote(), timeout=GPU_PROBE_TIMEOUT_S):
+            return None
+    except ray.exceptions.GetTimeoutError:
+        raise JobFailed(f"resources.num_gpus={resources.num_gpus}: no node with a free GPU share came up within "
+                        f"{GPU_PROBE_TIMEOUT_S} s") from None
     message = f"resources.num_gpus={resources.num_gpus} but the model actors see no CUDA device"
     if resources.device == "cuda":
         raise JobFailed(f"{message} and resources.device is cuda")

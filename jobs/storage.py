@@ -110,23 +110,18 @@ def locate(uri: str, storage: StorageSpec | None = None) -> Location:
     return Location(fs, path, scheme)
 
 
-def resolve_relative(uri: str, base: Location) -> str:
-    """A manifest entry as a full URI: relative paths are relative to ``base``."""
-    if scheme_of(uri) or uri.startswith("/") or uri.startswith("file://"):
-        return uri
-    return Location(base.fs, posixpath.normpath(posixpath.join(base.path, uri)), base.scheme).uri
-
-
 def write_atomic(location: Location, data: bytes) -> None:
     """Write bytes so that readers see the whole object or nothing.
 
-    The bytes go to a temporary name under the same folder's ``_tmp/`` (ignored
-    by Parquet readers: names starting with ``_``), then move into place. A
-    local rename is atomic; on S3 the final object appears whole on copy.
+    The bytes go to a temporary name beside the target (``_<name>.<uuid>``,
+    ignored by Parquet readers: names starting with ``_``), then move into place,
+    leaving nothing behind. A local rename is atomic; on S3 the final object
+    appears whole on copy. Job outputs write through ``OutputFolder``, which keeps
+    a run's temporaries under ``_tmp/<run id>/``.
     """
     folder, name = posixpath.split(location.path)
-    temporary = posixpath.join(folder, "_tmp", f"{name}.{uuid.uuid4().hex}")
-    location.fs.makedirs(posixpath.dirname(temporary), exist_ok=True)
+    temporary = posixpath.join(folder, f"_{name}.{uuid.uuid4().hex}")
+    location.fs.makedirs(folder, exist_ok=True)
     with location.fs.open(temporary, "wb") as handle:
         handle.write(data)
     location.fs.mv(temporary, location.path)

@@ -140,6 +140,7 @@ def test_report_of_a_job_on_the_shipped_models(ray_cluster, photos, tmp_path):
     run(spec, progress=False)
     assert main(["report", str(tmp_path / "out")]) == 0
     page = (tmp_path / "out" / "_report.html").read_text()
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("_tmp") or p.suffix == ".tmp"]
     assert len(pd.read_parquet(tmp_path / "out")) == 2  # the folder still reads as a table
     assert page.count("<tr>") == 3  # header + two rows
     assert page.count("data:image/jpeg;base64,") == 4  # photo, aligned, preview, render of the ok row

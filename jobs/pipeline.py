@@ -55,6 +55,8 @@ MAX_PART_ROWS = 4096
 PART_BYTES = 96 * 1024 * 1024
 IMAGE_ROW_BYTES = 16 * 1024  # a row this large holds an image
 INPUT_BLOCKS_PER_OBJECT = 64
+MIN_WORK_ROWS = 8
+COMMIT_CPUS = 0.25  # per actor of the commit pool of kinds without a model: Parquet encoding and writes
 GPU_PROBE_TIMEOUT_S = 900
 
 
@@ -79,34 +81,31 @@ def unpack(packed: pa.Table) -> list[pa.Table]:
 
 
 class Chain:
-    """Run several stages one after the other inside one actor, block by block.
+    """Run several stages one after the other inside one actor.
 
-    Fetching, aligning and committing in the same process keeps image bytes out
-    of the object store and needs no extra write tasks; each stage is still its
-    own class, testable alone.
+    Its batch is a few packed blocks (see :func:`pack`), merged into one block
+    before the stages run: a block never splits, so the rows of one input key
+    stay together, however many blocks a call merges (into one model batch, or
+    into one output part). Each stage is still its own class, testable alone.
 
     Args:
         stages: the stages, built here (once per actor).
-        packed_input: the batch holds packed blocks (see :func:`pack`).
-        packed_output: pack each block's result.
+        packed_output: pack the result (for a later pool) instead of returning it.
     """
 
-    def __init__(self, stages: list[StageSpec], packed_input: bool = False, packed_output: bool = False,
-                 cv2_threads: int = 1) -> None:
+    def __init__(self, stages: list[StageSpec], packed_output: bool = False, cv2_threads: int = 1) -> None:
         # Each actor is one of several processes per node, each given about one
         # CPU: OpenCV's own thread pool would only oversubscribe the cores.
         cv2.setNumThreads(cv2_threads)
         self.stages: list[Callable] = [stage.cls(**stage.kwargs) for stage in stages]
-        self.packed_input = packed_input
         self.packed_output = packed_output
 
-    def __call__(self, batch: Any) -> pa.Table:
-        results = []
-        for block in (unpack(batch) if self.packed_input else [batch]):
-            for stage in self.stages:
-                block = stage(block)
-            results.append(pack(block) if self.packed_output else block)
-        return pa.concat_tables(results) if len(results) > 1 else results[0]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        blocks = unpack(batch)
+        block = blocks[0] if len(blocks) == 1 else pa.concat_tables(blocks, promote_options="permissive")
+        for stage in self.stages:
+            block = stage(block)
+        return pack(block) if self.packed_output else block
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
@@ -160,31 +159,50 @@ def plan(spec: JobSpec, *, run_id: str | None = None, allow_spec_change: bool = 
                 note=note, seconds=time.perf_counter() - started)
 
 
-def rows_per_block(spec: JobSpec, kind: JobKind, rows: int) -> int:
-    """Input rows per CPU-pool call, and so per output part.
+@dataclass(frozen=True)
+class BlockSizes:
+    """How input rows are cut: small work blocks, merged into large parts.
 
-    Parts hold at least :data:`MIN_PART_ROWS` rows (or the whole small job) and at
-    most 256 rows of images or about :data:`PART_BYTES`; in between, about four
-    blocks per CPU actor, so that the actors stay evenly busy to the end.
+    Attributes:
+        work_rows: input rows per CPU-pool call: small, so that every actor
+            stays busy to the end of the job.
+        part_rows: input rows per output part: at least :data:`MIN_PART_ROWS`
+            (or the whole small job), at most 256 rows of images or about
+            :data:`PART_BYTES`.
     """
+
+    work_rows: int
+    part_rows: int
+
+    def blocks_per(self, rows: int) -> int:
+        """Work blocks that make up about ``rows`` input rows (at least one)."""
+        return max(1, math.ceil(rows / self.work_rows))
+
+
+def block_sizes(spec: JobSpec, kind: JobKind, rows: int) -> BlockSizes:
+    """Work blocks and parts for ``rows`` input rows (``resources.rows_per_block`` sets both)."""
     if spec.resources.rows_per_block:
-        return spec.resources.rows_per_block
+        return BlockSizes(spec.resources.rows_per_block, spec.resources.rows_per_block)
     row_bytes = max(1, kind.row_bytes(spec))
     cap = MAX_IMAGE_PART_ROWS if row_bytes >= IMAGE_ROW_BYTES else MAX_PART_ROWS
     cap = max(1, min(cap, PART_BYTES // row_bytes))
     target = min(cap, max(MIN_PART_ROWS, math.ceil(rows / (4 * spec.resources.concurrency))))
-    blocks = max(1, math.ceil(rows / cap), min(rows // MIN_PART_ROWS, math.ceil(rows / target)))
-    return max(1, math.ceil(rows / blocks))
+    parts = max(1, math.ceil(rows / cap), min(rows // MIN_PART_ROWS, math.ceil(rows / target)))
+    part_rows = max(1, math.ceil(rows / parts))
+    # About 16 work blocks per CPU actor; a part is a whole number of them, within the cap.
+    work_rows = max(1, min(part_rows, max(MIN_WORK_ROWS, math.ceil(rows / (16 * spec.resources.concurrency)))))
+    per_part = max(1, min(cap // work_rows, math.ceil(part_rows / work_rows)))
+    return BlockSizes(work_rows, work_rows * per_part)
 
 
 # -- building ----------------------------------------------------------------
 
-def _cpu_actor_cpus(spec: JobSpec, cpu_actors: int) -> float:
+def _cpu_actor_cpus(spec: JobSpec, cpu_actors: int, reserved: float = 0.0) -> float:
     """CPUs per CPU-pool actor: the spec's, or a share that fits every pool beside a reserve."""
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
     total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, (total - CPU_RESERVE) / cpu_actors))
+    return max(0.1, min(1.0, (total - CPU_RESERVE - reserved) / cpu_actors))
 
 
 def _model_threads(spec: JobSpec) -> int:
@@ -199,14 +217,13 @@ def _model_threads(spec: JobSpec) -> int:
     return max(1, int(total // spec.resources.model_pool_size))
 
 
-def _map(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, packed_input: bool = False,
+def _map(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, blocks_per_call: int = 1,
          packed_output: bool = False, **resources) -> ray.data.Dataset:
     return dataset.map_batches(
         Chain,
-        fn_constructor_kwargs={"stages": stages, "packed_input": packed_input, "packed_output": packed_output},
-        # One input block per call: one block in, one part out. Packed blocks
-        # are one row each, so a batch of one row is one block.
-        batch_size=1 if packed_input else None,
+        fn_constructor_kwargs={"stages": stages, "packed_output": packed_output},
+        # Every row is a packed block: a batch of N rows is N whole blocks.
+        batch_size=blocks_per_call,
         batch_format="pyarrow",
         # Two tasks in flight per actor: enough to hide the hand-over, few
         # enough that no actor sits on a queue while another idles at the end.
@@ -219,14 +236,16 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
           ) -> ray.data.Dataset:
     """The lazy dataset that processes ``rows`` (from :func:`plan`) into ``output``.
 
-    Every block of input rows is processed by one chain of calls and committed as
-    one part, so all the rows of one input key (every face of a photo) land in
+    The rows are cut into small work blocks that travel between pools packed, one
+    block a row (see :func:`pack`); the model pool merges blocks into batches of
+    about ``resources.batch_size`` rows, the commit merges them into parts. A block
+    never splits, so all the rows of one input key (every face of a photo) land in
     one part. The dataset's rows are the commit records.
     """
     kind = kind_of(spec)
     resources = spec.resources
-    per_block = rows_per_block(spec, kind, rows.num_rows)
-    blocks = [pack(rows.slice(start, per_block)) for start in range(0, rows.num_rows, per_block)]
+    sizes = block_sizes(spec, kind, rows.num_rows)
+    blocks = [pack(rows.slice(start, sizes.work_rows)) for start in range(0, rows.num_rows, sizes.work_rows)]
     # Packed blocks go into the object store a few dozen to an object: one put per
     # block costs milliseconds, which at 20 000 blocks is most of a minute.
     # An object is one task for one actor: small jobs put a block to an object, so
@@ -244,21 +263,27 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
             **(metadata or {}),
         }})
     cpu_pool = min(resources.concurrency, len(blocks))
+    parts = math.ceil(rows.num_rows / sizes.part_rows)
     model = kind.model_stage(spec)
     if model is None:
-        return _map(dataset, kind.cpu_stages(spec) + kind.finish_stages(spec) + [commit], cpu_pool,
-                    packed_input=True, num_cpus=_cpu_actor_cpus(spec, cpu_pool))
+        commit_pool = min(resources.concurrency, parts)
+        cpu_share = _cpu_actor_cpus(spec, cpu_pool, reserved=COMMIT_CPUS * commit_pool)
+        dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
+        return _map(dataset, kind.finish_stages(spec) + [commit], commit_pool,
+                    blocks_per_call=sizes.blocks_per(sizes.part_rows), num_cpus=COMMIT_CPUS)
     model_pool = min(resources.model_pool_size, len(blocks))
     on_gpu = resources.num_gpus > 0
-    cpu_actors = 2 * cpu_pool + (0 if on_gpu else model_pool)
-    cpu_share = _cpu_actor_cpus(spec, cpu_actors)
+    cpu_share = _cpu_actor_cpus(spec, 2 * cpu_pool + (0 if on_gpu else model_pool))
     model_cpus = resources.model_num_cpus or (min(cpu_share, GPU_ACTOR_CPUS) if on_gpu else cpu_share)
     model = StageSpec(model.cls, {**model.kwargs, "cpu_threads": _model_threads(spec)})
-    dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_input=True, packed_output=True,
-                   num_cpus=cpu_share)
-    dataset = _map(dataset, [model], model_pool, packed_input=True, packed_output=True, num_cpus=model_cpus,
-                   num_gpus=resources.num_gpus, max_restarts=resources.model_restarts)
-    return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, packed_input=True, num_cpus=cpu_share)
+    # The model merges work blocks up to about one batch; the commit merges those up to a part.
+    per_model_call = min(sizes.blocks_per(resources.batch_size), sizes.blocks_per(sizes.part_rows))
+    per_commit = max(1, math.ceil(sizes.blocks_per(sizes.part_rows) / per_model_call))
+    dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
+    dataset = _map(dataset, [model], model_pool, blocks_per_call=per_model_call, packed_output=True,
+                   num_cpus=model_cpus, num_gpus=resources.num_gpus, max_restarts=resources.model_restarts)
+    return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, blocks_per_call=per_commit,
+                num_cpus=cpu_share)
 
 
 def _check_gpu_scheduling(spec: JobSpec) -> str | None:

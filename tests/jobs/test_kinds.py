@@ -7,7 +7,7 @@ import pytest
 
 from jobs.kinds import KINDS, kind_of
 from jobs.kinds.base import refuse_bad_uris, storage_schemes
-from jobs.pipeline import rows_per_block
+from jobs.pipeline import block_sizes
 from jobs.spec import parse_spec
 
 
@@ -43,18 +43,27 @@ def test_uris_outside_the_jobs_storage_become_bad_uri():
     assert fenced.column("error")[1].as_py() is None
 
 
-@pytest.mark.parametrize("rows, expected", [(20, 20), (100, 100), (200, 67), (1000, 125), (1_000_000, 256)])
-def test_parts_hold_64_rows_or_the_whole_small_job_and_at_most_256_images(rows, expected):
+@pytest.mark.parametrize("rows", [20, 100, 200, 1000, 5000, 1_000_000])
+def test_parts_hold_64_rows_or_the_whole_small_job_and_at_most_256_images(rows):
     spec = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
-    assert rows_per_block(spec, kind_of(spec), rows) == expected
+    sizes = block_sizes(spec, kind_of(spec), rows)
+    assert sizes.part_rows % sizes.work_rows == 0  # a part is whole work blocks: no key is ever cut
+    assert 8 <= sizes.work_rows <= max(8, -(-rows // 32))  # ~16 work blocks per CPU actor
+    blocks = [min(sizes.work_rows, rows - start) for start in range(0, rows, sizes.work_rows)]
+    per_part = sizes.part_rows // sizes.work_rows
+    parts = [sum(blocks[i:i + per_part]) for i in range(0, len(blocks), per_part)]
+    assert sum(parts) == rows and max(parts) <= 256
+    assert all(part >= min(64, rows) for part in parts[:-1])  # only the remainder may be smaller
+    assert len(parts) <= max(1, rows // 64) + 1
 
 
 def test_parts_of_rows_without_images_are_larger_and_explicit_sizes_win():
     spec = parse_spec({"kind": "landmarks", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
-    assert rows_per_block(spec, kind_of(spec), 10_000_000) == 4096
+    assert block_sizes(spec, kind_of(spec), 10_000_000).part_rows == 4096
     big = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
                       "options": {"size": 2048}})
-    assert rows_per_block(big, kind_of(big), 1_000_000) == 15  # ~6 MB a crop: parts of about 96 MB
+    assert block_sizes(big, kind_of(big), 1_000_000).part_rows == 15  # ~6 MB a crop: parts of about 96 MB
     fixed = parse_spec({"kind": "align", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
                         "resources": {"rows_per_block": 3}})
-    assert rows_per_block(fixed, kind_of(fixed), 1000) == 3
+    assert (block_sizes(fixed, kind_of(fixed), 1000).work_rows, block_sizes(fixed, kind_of(fixed), 1000).part_rows) \
+        == (3, 3)

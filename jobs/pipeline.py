@@ -265,6 +265,11 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
     cpu_pool = min(resources.concurrency, len(blocks))
     parts = math.ceil(rows.num_rows / sizes.part_rows)
     model = kind.model_stage(spec)
+    if model is None and sizes.part_rows == sizes.work_rows:
+        # A part is one work block (large jobs): commit where the block was made,
+        # and the images never travel through the object store.
+        return _map(dataset, kind.cpu_stages(spec) + kind.finish_stages(spec) + [commit], cpu_pool,
+                    num_cpus=_cpu_actor_cpus(spec, cpu_pool))
     if model is None:
         commit_pool = min(resources.concurrency, parts)
         cpu_share = _cpu_actor_cpus(spec, cpu_pool, reserved=COMMIT_CPUS * commit_pool)

@@ -232,6 +232,27 @@ def _map(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, blocks_p
     )
 
 
+def _map_model(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, blocks_per_call: int,
+               num_cpus: float, resources) -> ray.data.Dataset:
+    """The model pool, with a bound on fresh actors after a broken device.
+
+    Ray Data takes ``max_restarts`` only as a deprecated free-form remote argument
+    (to be removed in Ray 2.64, with no named replacement yet); where it is gone,
+    actors restart without a bound, as Ray Data's own default.
+    """
+    import warnings
+
+    common = {"blocks_per_call": blocks_per_call, "packed_output": True, "num_cpus": num_cpus,
+              "num_gpus": resources.num_gpus}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            return _map(dataset, stages, size, max_restarts=resources.model_restarts, **common)
+    except TypeError:
+        log.warning("this Ray takes no max_restarts: resources.model_restarts is not enforced")
+        return _map(dataset, stages, size, **common)
+
+
 def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[str, str] | None = None
           ) -> ray.data.Dataset:
     """The lazy dataset that processes ``rows`` (from :func:`plan`) into ``output``.
@@ -277,16 +298,25 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
         return _map(dataset, kind.finish_stages(spec) + [commit], commit_pool,
                     blocks_per_call=sizes.blocks_per(sizes.part_rows), num_cpus=COMMIT_CPUS)
     model_pool = min(resources.model_pool_size, len(blocks))
-    on_gpu = resources.num_gpus > 0
-    cpu_share = _cpu_actor_cpus(spec, 2 * cpu_pool + (0 if on_gpu else model_pool))
-    model_cpus = resources.model_num_cpus or (min(cpu_share, GPU_ACTOR_CPUS) if on_gpu else cpu_share)
     model = StageSpec(model.cls, {**model.kwargs, "cpu_threads": _model_threads(spec)})
-    # The model merges work blocks up to about one batch; the commit merges those up to a part.
+    # The model merges work blocks up to about one batch, the commit merges those up to a part.
     per_model_call = min(sizes.blocks_per(resources.batch_size), sizes.blocks_per(sizes.part_rows))
     per_commit = max(1, math.ceil(sizes.blocks_per(sizes.part_rows) / per_model_call))
+    if resources.num_gpus <= 0:
+        # A CPU model actor holds a full CPU share: it also does the CPU work on its
+        # own rows (PNG encoding, rig renders); a small pool merges them into parts.
+        commit_pool = min(resources.concurrency, math.ceil(len(blocks) / (per_model_call * per_commit)))
+        cpu_share = _cpu_actor_cpus(spec, cpu_pool + model_pool, reserved=COMMIT_CPUS * commit_pool)
+        dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
+        dataset = _map_model(dataset, [model] + kind.finish_stages(spec), model_pool, per_model_call,
+                             resources.model_num_cpus or cpu_share, resources)
+        return _map(dataset, [commit], commit_pool, blocks_per_call=per_commit, num_cpus=COMMIT_CPUS)
+    # A GPU actor holds a sliver of CPU: PNG encoding, rig renders and commits go
+    # back to the CPU pool.
+    cpu_share = _cpu_actor_cpus(spec, 2 * cpu_pool)
+    model_cpus = resources.model_num_cpus or min(cpu_share, GPU_ACTOR_CPUS)
     dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
-    dataset = _map(dataset, [model], model_pool, blocks_per_call=per_model_call, packed_output=True,
-                   num_cpus=model_cpus, num_gpus=resources.num_gpus, max_restarts=resources.model_restarts)
+    dataset = _map_model(dataset, [model], model_pool, per_model_call, model_cpus, resources)
     return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, blocks_per_call=per_commit,
                 num_cpus=cpu_share)
 

@@ -151,13 +151,16 @@ class PhotoKind(JobKind):
         schemes = storage_schemes(spec.input.manifest, spec.output.path)
         return refuse_bad_uris(rows, schemes, spec.input.allowed_prefixes)
 
+    # The stage that decodes, detects and writes each face's row (an AlignStage or a subclass).
+    face_stage: ClassVar[type | None] = None
+
     def cpu_stages(self, spec: JobSpec) -> list[StageSpec]:
         from jobs.stages import AlignStage, FetchStage
 
         return [
             StageSpec(FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
                                    "threads": spec.resources.fetch_threads}),
-            StageSpec(AlignStage, {"options": spec.options}),
+            StageSpec(self.face_stage or AlignStage, {"options": spec.options}),
         ]
 
     def model_files(self, spec: JobSpec) -> dict[str, str]:

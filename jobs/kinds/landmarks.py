@@ -2,7 +2,8 @@
 
 The small example of how a kind is built (README: "Writing a new job kind"): it
 reuses the photo kinds' fetch stage, brings one stage of its own (a subclass of
-the align stage that writes pose instead of a crop), and declares its columns.
+the align stage that writes pose instead of a crop, named as ``face_stage``), and
+declares its columns.
 There is no model stage, so the CPU pool does all the work and commits.
 """
 
@@ -13,9 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from facecore.face.pose import head_pose
-from jobs.kinds.base import PhotoKind, StageSpec
+from jobs.kinds.base import PhotoKind
 from jobs.spec import DetectOptions, PhotoJob
-from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, AlignStage, FetchStage
+from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, AlignStage
 
 
 class LandmarksJob(PhotoJob):
@@ -54,13 +55,7 @@ class LandmarksKind(PhotoKind):
     spec_model = LandmarksJob
     output_schema = LANDMARKS_SCHEMA
     field_docs = LANDMARKS_FIELD_DOCS
-
-    def cpu_stages(self, spec: LandmarksJob) -> list[StageSpec]:
-        return [
-            StageSpec(FetchStage, {"storage": spec.storage, "max_bytes": spec.options.max_bytes,
-                                   "threads": spec.resources.fetch_threads}),
-            StageSpec(LandmarksStage, {"options": spec.options}),
-        ]
+    face_stage = LandmarksStage
 
     def row_bytes(self, spec: LandmarksJob) -> int:
         return 1024  # 68 points and a few numbers

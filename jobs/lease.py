@@ -157,7 +157,20 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class _LocalStore:
+class _Store:
+    """What every store reads the same way: the bytes, the record, its age."""
+
+    def read(self) -> _Seen | None:
+        data = self._bytes()
+        if data is None:
+            return None
+        record = LeaseRecord.from_bytes(data)
+        # A record that does not parse is aged by the file's own time.
+        written = record.heartbeat if record else self._mtime()
+        return _Seen(record, _digest(data), time.time() - written)
+
+
+class _LocalStore(_Store):
     """Local (or NFS) files: every change under an exclusive flock on ``_LEASE.lock``."""
 
     conditional = True  # as good as: changes are serialised by the lock
@@ -194,13 +207,8 @@ class _LocalStore:
         except FileNotFoundError:
             return None
 
-    def read(self) -> _Seen | None:
-        data = self._bytes()
-        if data is None:
-            return None
-        record = LeaseRecord.from_bytes(data)
-        written = record.heartbeat if record else os.stat(self.path).st_mtime
-        return _Seen(record, _digest(data), time.time() - written)
+    def _mtime(self) -> float:
+        return os.stat(self.path).st_mtime
 
     def create(self, data: bytes) -> str:
         os.makedirs(self.folder, exist_ok=True)
@@ -231,7 +239,7 @@ class _LocalStore:
         return True
 
 
-class _FsspecStore:
+class _FsspecStore(_Store):
     """Any fsspec filesystem, without conditional writes: check, then write (racy; see the module doc)."""
 
     conditional = False
@@ -248,13 +256,8 @@ class _FsspecStore:
                 raise
             return None
 
-    def read(self) -> _Seen | None:
-        data = self._bytes()
-        if data is None:
-            return None
-        record = LeaseRecord.from_bytes(data)
-        written = record.heartbeat if record else self.fs.modified(self.path).timestamp()
-        return _Seen(record, _digest(data), time.time() - written)
+    def _mtime(self) -> float:
+        return self.fs.modified(self.path).timestamp()
 
     def create(self, data: bytes) -> str:
         if self._bytes() is not None:

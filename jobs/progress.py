@@ -42,6 +42,7 @@ class Progress:
         self.done = 0
         self.statuses: Counter = Counter()
         self._last_shown = 0.0
+        self._shown_done = -1  # rows done at the last line shown
 
     def update(self, keys: int, statuses: dict[str, int]) -> None:
         self.done += keys
@@ -61,6 +62,7 @@ class Progress:
 
     def _show(self, now: float) -> None:
         self._last_shown = now
+        self._shown_done = self.done
         if self.tty:
             self.stream.write("\r\033[K" + self.line(now))
         else:
@@ -68,11 +70,11 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._shown_done != self.done:  # the last line, unless it is already out
             self._show(time.monotonic())
-            if self.tty:
-                self.stream.write("\n")
-                self.stream.flush()
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 # Ray's wrappers around a user's exception, and the lines they add.

@@ -107,6 +107,9 @@ def test_progress_line_counts_rate_and_eta():
     line = stream.getvalue().strip()
     assert line.startswith("40/100 rows (40%)  4.0 rows/s  ETA 0:15")
     assert line.endswith("no_face=2 ok=38") and "\r" not in stream.getvalue()
+    progress.update(60, {"ok": 60})
+    progress.close()  # the last line was just shown: not again
+    assert stream.getvalue().count("100/100 rows") == 1
     quiet = io.StringIO()
     Progress(total=5, stream=quiet, enabled=False).update(5, {"ok": 5})
     assert quiet.getvalue() == ""

@@ -297,8 +297,9 @@ class ModelStage:
     pass through. A sub-batch that raises (out of memory, a bad input) is retried
     in halves down to single rows, and only a row that fails alone becomes
     ``model_error``. A CUDA error that breaks the device ends the actor's process,
-    so that the block is retried on a fresh actor. A model that fails every row of ``failed_blocks_limit``
-    blocks in a row raises :class:`ModelFailure`, which stops the job.
+    so that the block is retried on a fresh actor. A model that fails every row
+    of ``failed_blocks_limit`` blocks in a row raises :class:`ModelFailure`,
+    which stops the job.
 
     Attributes:
         output_schema: the schema of the rows this stage returns (without
@@ -347,7 +348,6 @@ class ModelStage:
             updates = self.infer(rows)
         except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried smaller
             self._last_error = f"{type(exc).__name__}: {exc}"
-            self._release_memory()
             if any(marker in str(exc) for marker in _CUDA_FATAL):
                 # The CUDA context is broken: no later batch in this process can
                 # work. End the process: Ray starts a fresh actor and gives it this
@@ -355,6 +355,7 @@ class ModelStage:
                 # resources.model_restarts fresh actors the job fails.
                 log.error("the device failed (%s): restarting this model actor", self._last_error)
                 exit_process(1)
+            self._release_memory()  # an out-of-memory batch leaves cached blocks behind
             if len(rows) == 1:
                 log.warning("model failed on row %s: %s", rows[0].get("key"), self._last_error)
                 rows[0].update(status="model_error", error=self._last_error)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from facecore.rig.schema import SchemaError
+from jobs.loopback import cluster_address
 from jobs.manifest import ManifestError
 from jobs.output import OutputError, RunSummary
 from jobs.spec import SpecError, load_spec
@@ -65,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if spec.kind == "train":
         raise SpecError(f"{args.spec}: kind: train specs run with `facejobs train`")
-    summary = run(spec, address=args.address, progress=not args.no_progress, verbose=args.verbose,
+    summary = run(spec, address=cluster_address(args.address), progress=not args.no_progress, verbose=args.verbose,
                   allow_spec_change=args.allow_spec_change)
     print(format_summary(summary))
     return 0
@@ -78,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if not isinstance(spec, TrainJob):
         raise SpecError(f"{args.spec}: kind: `facejobs train` takes kind: train, got {spec.kind!r}")
-    result = train(spec, address=args.address)
+    result = train(spec, address=cluster_address(args.address))
     metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result["metrics"].items())
     print(f"trained {spec.model}: {metrics}\nmodel -> {result['model']}")
@@ -183,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "train", "demo") and not getattr(args, "address", None):
+    if args.command in ("run", "train", "demo") and not cluster_address(getattr(args, "address", None)):
         from jobs.loopback import keep_local_ray_on_loopback
 
-        keep_local_ray_on_loopback()  # before anything imports ray
+        keep_local_ray_on_loopback()  # before anything imports ray: only for the Ray this command starts
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from jobs.lease import LeaseHeld

@@ -18,6 +18,12 @@ import sys
 SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join: the given address, else ``RAY_ADDRESS`` (set by ``ray job
+    submit`` and on cluster nodes); None means: start a local Ray, on loopback."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def keep_local_ray_on_loopback() -> bool:
     """Turn the switch off unless set; False if ray was imported too early to obey."""
     os.environ.setdefault(SWITCH, "0")

@@ -31,6 +31,7 @@ from ray.data import ActorPoolStrategy
 
 from jobs import lineage
 from jobs.kinds import JobKind, StageSpec, kind_of
+from jobs.loopback import cluster_address
 from jobs.output import SYSTEMIC_STATUSES, JobFailed, OutputFolder, RunSummary
 from jobs.progress import Progress, first_real_error
 from jobs.spec import JobSpec, SpecError
@@ -109,8 +110,9 @@ class Chain:
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Connect to a cluster, or start a local Ray bound to loopback only."""
+    """Connect to a cluster (``address`` or ``RAY_ADDRESS``) as it is, or start a local Ray bound to loopback only."""
     level = logging.INFO if verbose else logging.WARNING
+    address = cluster_address(address)
     if address:
         ray.init(address=address, logging_level=level, log_to_driver=verbose)
     else:

@@ -41,3 +41,22 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
     ok = pinched[pinched.status == "ok"]
     assert (ok.loss_end < ok.loss_start).all() and (ok.iterations <= 100).all()
     assert (tmp_path / "demo" / "pinch" / "_report.html").is_file()
+
+
+def test_a_driver_inside_a_cluster_joins_it_as_it_is(monkeypatch):
+    # `ray job submit -- facejobs run spec.yaml` sets RAY_ADDRESS: join that cluster,
+    # and leave Ray's multi-machine switch alone (loopback is only for the Ray we start).
+    from jobs import loopback
+    from jobs.loopback import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(None) is None and cluster_address("ray://head:10001") == "ray://head:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    assert cluster_address(None) == "http://10.0.0.5:8265" and cluster_address("auto") == "auto"
+    calls = []
+    monkeypatch.setattr(loopback, "keep_local_ray_on_loopback", lambda: calls.append(1))
+    assert main(["run", "/nonexistent/spec.yaml"]) == 2  # fails on the spec, after the address decision
+    assert calls == []
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(["run", "/nonexistent/spec.yaml"]) == 2
+    assert calls == [1]

@@ -1,0 +1,58 @@
+"""cluster.yaml, checked offline against the autoscaler schema inside the installed Ray wheel."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_validates_against_rays_own_schema(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)  # raises on any field the launcher would refuse
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_workers"]["resources"]["GPU"] = 0.5  # node resources are integers
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError, match="0.5 is not of type 'integer'"):
+        validate_config(prepare_config(broken))
+
+
+def test_head_runs_no_work_and_keeps_the_dashboard_on_loopback_with_tokens(config):
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--num-cpus=0" in start and "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
+    assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+    permissions = config["provider"]["security_group"]["IpPermissions"]
+    assert [(p["FromPort"], p["ToPort"]) for p in permissions] == [(22, 22)]  # SSH only from outside
+    assert all(r["CidrIp"] != "0.0.0.0/0" for p in permissions for r in p["IpRanges"])
+
+
+def test_worker_groups_scale_from_zero_and_gpus_live_on_gpu_nodes(config):
+    types = config["available_node_types"]
+    cpu, gpu = types["cpu_workers"], types["gpu_workers"]
+    assert cpu["min_workers"] == 0 and gpu["min_workers"] == 0 and config["idle_timeout_minutes"] > 0
+    assert gpu["resources"]["GPU"] >= 1 and gpu["labels"] == {"facejobs-pool": "gpu"}
+    assert "GPU" not in cpu["resources"] and cpu["labels"] == {"facejobs-pool": "cpu"}
+
+
+def test_every_node_installs_this_checkout_and_no_credentials_appear(config):
+    assert config["file_mounts"] == {"/home/ubuntu/facejobs": "."}
+    assert any("-e ~/facejobs" in command for command in config["setup_commands"])
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"(?i)aws_(secret_)?access_key|secret_access|session_token|AKIA[0-9A-Z]{16}", text)
+    for node_type in config["available_node_types"].values():
+        assert "IamInstanceProfile" in node_type["node_config"]  # the instance role gives credentials

@@ -284,9 +284,6 @@ class OutputFolder:
     def write_success(self, summary: RunSummary) -> None:
         self._write(self.location.join(SUCCESS).path, summary.to_json().encode("utf-8"))
 
-    def read_success(self) -> dict | None:
-        return self.read_json(SUCCESS)
-
     def read_json(self, name: str) -> dict | None:
         path = self.location.join(name).path
         self.location.fs.invalidate_cache(path)

@@ -126,7 +126,6 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 class Plan:
     """What a run will do, found before any task starts."""
 
-    kind: JobKind
     folder: OutputFolder
     input_rows: pa.Table  # every row the job must output
     pending: pa.Table  # the rows still to do
@@ -157,7 +156,7 @@ def plan(spec: JobSpec, *, run_id: str | None = None, allow_spec_change: bool = 
     pending = rows.filter(pc.invert(pc.is_in(keys, value_set=done))) if len(done) else rows
     log.info("%d input rows, %d already done, %d to process", rows.num_rows, rows.num_rows - pending.num_rows,
              pending.num_rows)
-    return Plan(kind=kind, folder=folder, input_rows=rows, pending=pending, models=models, settings=settings,
+    return Plan(folder=folder, input_rows=rows, pending=pending, models=models, settings=settings,
                 note=note, seconds=time.perf_counter() - started)
 
 

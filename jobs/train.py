@@ -28,7 +28,7 @@ from facecore import weights
 from facecore.models.imitator import Imitator, ImitatorConfig
 from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.training.steps import imitator_eval, imitator_step, parser_eval, parser_step
-from jobs.output import PART_PREFIX, PART_SUFFIX
+from jobs.output import PART_PREFIX, PART_SUFFIX, OutputFolder
 from jobs.kinds.train import TrainJob
 from jobs.storage import fsspec_options, locate
 
@@ -147,10 +147,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _parts(location, field: str) -> list[str]:
+    """Paths of a job output's committed parts (listed afresh, as a resume lists them)."""
     if not location.fs.exists(location.path):
         raise FileNotFoundError(f"{field}: {location.uri} does not exist")
-    names = [posixpath.basename(p) for p in location.fs.ls(location.path, detail=False)]
-    parts = sorted(location.join(n).uri for n in names if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX))
+    parts = OutputFolder(location).parts()
     if not parts:
         raise FileNotFoundError(f"{field}: no {PART_PREFIX}*{PART_SUFFIX} files in {location.uri}")
     return parts
@@ -194,14 +194,12 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     io = {"num_cpus": 0.25}
     columns = ["key", "status", "params", "image", "mask"] if spec.model == "imitator" else \
         ["key", "status", "image", "mask"]
-    dataset = ray.data.read_parquet([location.fs._strip_protocol(p) if location.scheme else p for p in parts],
-                                    filesystem=location.arrow_fs, columns=columns, **io)
+    dataset = ray.data.read_parquet(parts, filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
     if spec.data.photos and spec.model == "parser":
         photos = locate(spec.data.photos, spec.storage)
         photo_parts = _parts(photos, "data.photos")
-        aligned = ray.data.read_parquet([photos.fs._strip_protocol(p) if photos.scheme else p for p in photo_parts],
-                                        filesystem=photos.arrow_fs,
+        aligned = ray.data.read_parquet(photo_parts, filesystem=photos.arrow_fs,
                                         columns=["key", "status", "aligned", "aligned_landmarks"],
                                         **io)
         aligned = aligned.filter(lambda row: row["status"] == "ok", **io)

@@ -67,18 +67,42 @@ GPU_PROBE_TIMEOUT_S = 900
 BLOCK_COLUMN = "block"
 
 
-def pack(table: pa.Table) -> pa.Table:
-    """A block of rows as a one-row table."""
+PLACEMENT_COLUMN = "placement"  # JSON {pool: [node ids]}: where the block has been
+
+# Node label that cluster.yaml and deploy/ put on GPU nodes. Pools without GPUs
+# prefer the other nodes (a soft preference: on a GPU-only cluster they run there too).
+POOL_LABEL = "facejobs-pool"
+AWAY_FROM_GPU_NODES = {"label_selector": {POOL_LABEL: "!gpu"}, "fallback_strategy": [{"label_selector": {}}]}
+
+
+def pack(table: pa.Table, placement: dict[str, list[str]] | None = None) -> pa.Table:
+    """A block of rows as a one-row table (with the pools and nodes it went through)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return pa.table({BLOCK_COLUMN: pa.array([sink.getvalue().to_pybytes()], pa.large_binary())})
+    return pa.table({BLOCK_COLUMN: pa.array([sink.getvalue().to_pybytes()], pa.large_binary()),
+                     PLACEMENT_COLUMN: pa.array([json.dumps(placement or {}, sort_keys=True)], pa.string())})
 
 
 def unpack(packed: pa.Table) -> list[pa.Table]:
     """The blocks of a table of packed rows."""
     return [pa.ipc.open_stream(pa.BufferReader(value.as_buffer())).read_all()
             for value in packed.column(BLOCK_COLUMN).combine_chunks()]
+
+
+def merge_placement(*placements: dict[str, list[str]]) -> dict[str, list[str]]:
+    merged: dict[str, set[str]] = {}
+    for placement in placements:
+        for pool, nodes in placement.items():
+            merged.setdefault(pool, set()).update(nodes)
+    return {pool: sorted(nodes) for pool, nodes in sorted(merged.items())}
+
+
+def placement_of(packed: pa.Table) -> dict[str, list[str]]:
+    """The pools and nodes the packed rows went through (merged)."""
+    if PLACEMENT_COLUMN not in packed.column_names:
+        return {}
+    return merge_placement(*(json.loads(value) for value in packed.column(PLACEMENT_COLUMN).to_pylist() if value))
 
 
 class Chain:
@@ -92,21 +116,34 @@ class Chain:
     Args:
         stages: the stages, built here (once per actor).
         packed_output: pack the result (for a later pool) instead of returning it.
+        pool: the pool's name, recorded with this actor's node in the blocks it
+            passes on and in the commit records (``_SUCCESS`` lists the nodes
+            each pool ran on).
     """
 
-    def __init__(self, stages: list[StageSpec], packed_output: bool = False, cv2_threads: int = 1) -> None:
+    def __init__(self, stages: list[StageSpec], packed_output: bool = False, cv2_threads: int = 1,
+                 pool: str = "cpu_pool") -> None:
         # Each actor is one of several processes per node, each given about one
         # CPU: OpenCV's own thread pool would only oversubscribe the cores.
         cv2.setNumThreads(cv2_threads)
         self.stages: list[Callable] = [stage.cls(**stage.kwargs) for stage in stages]
         self.packed_output = packed_output
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.placement = {pool: [node]}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         blocks = unpack(batch)
+        placement = merge_placement(placement_of(batch), self.placement)
         block = blocks[0] if len(blocks) == 1 else pa.concat_tables(blocks, promote_options="permissive")
         for stage in self.stages:
             block = stage(block)
-        return pack(block) if self.packed_output else block
+        if self.packed_output:
+            return pack(block, placement)
+        if PLACEMENT_COLUMN in block.column_names:  # commit records
+            index = block.schema.get_field_index(PLACEMENT_COLUMN)
+            block = block.set_column(index, PLACEMENT_COLUMN,
+                                     pa.array([json.dumps(placement)] * block.num_rows, pa.string()))
+        return block
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
@@ -219,10 +256,12 @@ def _model_threads(spec: JobSpec) -> int:
 
 
 def _map(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, blocks_per_call: int = 1,
-         packed_output: bool = False, **resources) -> ray.data.Dataset:
+         packed_output: bool = False, pool: str = "cpu_pool", **resources) -> ray.data.Dataset:
+    if not resources.get("num_gpus"):
+        resources = {**AWAY_FROM_GPU_NODES, **resources}
     return dataset.map_batches(
         Chain,
-        fn_constructor_kwargs={"stages": stages, "packed_output": packed_output},
+        fn_constructor_kwargs={"stages": stages, "packed_output": packed_output, "pool": pool},
         # Every row is a packed block: a batch of N rows is N whole blocks.
         batch_size=blocks_per_call,
         batch_format="pyarrow",
@@ -244,7 +283,7 @@ def _map_model(dataset: ray.data.Dataset, stages: list[StageSpec], size: int, bl
     import warnings
 
     common = {"blocks_per_call": blocks_per_call, "packed_output": True, "num_cpus": num_cpus,
-              "num_gpus": resources.num_gpus}
+              "num_gpus": resources.num_gpus, "pool": "model_pool"}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
@@ -297,7 +336,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
         cpu_share = _cpu_actor_cpus(spec, cpu_pool, reserved=COMMIT_CPUS * commit_pool)
         dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
         return _map(dataset, kind.finish_stages(spec) + [commit], commit_pool,
-                    blocks_per_call=sizes.blocks_per(sizes.part_rows), num_cpus=COMMIT_CPUS)
+                    blocks_per_call=sizes.blocks_per(sizes.part_rows), num_cpus=COMMIT_CPUS, pool="commit_pool")
     model_pool = min(resources.model_pool_size, len(blocks))
     model = StageSpec(model.cls, {**model.kwargs, "cpu_threads": _model_threads(spec)})
     # The model merges work blocks up to about one batch, the commit merges those up to a part.
@@ -311,7 +350,8 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
         dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
         dataset = _map_model(dataset, [model] + kind.finish_stages(spec), model_pool, per_model_call,
                              resources.model_num_cpus or cpu_share, resources)
-        return _map(dataset, [commit], commit_pool, blocks_per_call=per_commit, num_cpus=COMMIT_CPUS)
+        return _map(dataset, [commit], commit_pool, blocks_per_call=per_commit, num_cpus=COMMIT_CPUS,
+                    pool="commit_pool")
     # A GPU actor holds a sliver of CPU: PNG encoding, rig renders and commits go
     # back to the CPU pool.
     cpu_share = _cpu_actor_cpus(spec, 2 * cpu_pool)
@@ -319,7 +359,7 @@ def build(spec: JobSpec, rows: pa.Table, output: OutputFolder, metadata: dict[st
     dataset = _map(dataset, kind.cpu_stages(spec), cpu_pool, packed_output=True, num_cpus=cpu_share)
     dataset = _map_model(dataset, [model], model_pool, per_model_call, model_cpus, resources)
     return _map(dataset, kind.finish_stages(spec) + [commit], cpu_pool, blocks_per_call=per_commit,
-                num_cpus=cpu_share)
+                num_cpus=cpu_share, pool="commit_pool")
 
 
 def _check_gpu_scheduling(spec: JobSpec) -> str | None:
@@ -364,6 +404,7 @@ class _Monitor:
     systemic: int = 0
     errors: Counter = field(default_factory=Counter)
     devices: set = field(default_factory=set)
+    placement: dict = field(default_factory=dict)
 
     def add(self, record: dict[str, Any]) -> None:
         statuses = json.loads(record["statuses"])
@@ -372,6 +413,7 @@ class _Monitor:
         if record["sample_error"]:
             self.errors[_error_kind(record["sample_error"])] += 1
         self.devices.update(json.loads(record["devices"]))
+        self.placement = merge_placement(self.placement, json.loads(record["placement"] or "{}"))
         self.progress.update(record["keys"], statuses)
 
     def failure(self) -> str | None:
@@ -467,6 +509,10 @@ def _run_and_reconcile(spec: JobSpec, job_plan: Plan, lease, *, address: str | N
             "gpus": sum(node.get("Resources", {}).get("GPU", 0) for node in nodes),
             "devices": {"cpu_pool": "cpu",
                         "model_pool": sorted(monitor.devices) if monitor else None},
+            # The nodes each pool's actors ran on (of this run's rows), and those nodes' labels.
+            "placement": monitor.placement if monitor else {},
+            "node_labels": {node["NodeID"]: {key: value for key, value in (node.get("Labels") or {}).items()
+                                             if not key.startswith("ray.io/")} for node in nodes},
             "warnings": [gpu_note] if gpu_note else [],
         },
     )

@@ -208,6 +208,7 @@ COMMIT_SCHEMA = pa.schema([
     pa.field("systemic", pa.int64()),  # keys whose rows have a systemic status
     pa.field("sample_error", pa.string()),  # the first systemic error of the part
     pa.field("devices", pa.string()),  # JSON list: where the model pool ran these rows
+    pa.field("placement", pa.string()),  # JSON {pool: [node ids]}, filled in by the pipeline's Chain
 ])
 
 
@@ -245,7 +246,7 @@ class CommitStage:
         return pa.table({"part": [name], "rows": [table.num_rows], "keys": [len(set(keys))],
                          "statuses": [json.dumps(counts, sort_keys=True)],
                          "systemic": [len({key for key, _ in systemic})], "sample_error": [sample],
-                         "devices": [json.dumps(devices)]}, schema=COMMIT_SCHEMA)
+                         "devices": [json.dumps(devices)], "placement": ["{}"]}, schema=COMMIT_SCHEMA)
 
 
 # -- model stages ------------------------------------------------------------

@@ -62,6 +62,9 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
     assert lineage["devices"]["model_pool"] == ["cpu (fallback: GPUs asked, no CUDA visible)"]
     assert any("see no CUDA device" in warning for warning in lineage["warnings"])
     assert set(lineage["models"]) >= {"imitator", "parser", "dlib_landmarks68"}
+    node = ray_cluster.get_runtime_context().get_node_id()  # one node here: every pool ran on it
+    assert lineage["placement"] == {"cpu_pool": [node], "model_pool": [node], "commit_pool": [node]}
+    assert lineage["node_labels"] == {node: {}}
 
     again = run(spec, progress=False)  # resumable: only the missing object (a systemic status) is tried again
     assert again.processed_rows == 1 and again.output_rows == len(corpus)

@@ -1,6 +1,8 @@
 """``facejobs``: run, validate and demo jobs.
 
     facejobs run SPEC.yaml [--address ADDR]   run a job (local Ray by default)
+    facejobs submit SPEC.yaml --address URL   run it on a cluster, through the Ray Jobs API
+    facejobs status|logs|stop ID-or-SPEC      look after a submission; facejobs list: all of them
     facejobs validate SPEC.yaml               check a spec and its manifest
     facejobs train SPEC.yaml                  train a model with Ray Train
     facejobs report OUTPUT                    HTML contact sheet of an output folder
@@ -69,6 +71,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run(spec, address=cluster_address(args.address), progress=not args.no_progress, verbose=args.verbose,
                   allow_spec_change=args.allow_spec_change)
     print(format_summary(summary))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import time
+
+    from jobs import submit
+
+    run_args = ("--allow-spec-change",) if args.allow_spec_change else ()
+    submitted = submit.submit(args.spec, args.address, run_args=run_args)
+    if submitted.started:
+        print(f"submitted {submitted.submission_id}")
+    else:
+        print(f"{submitted.submission_id} is already producing this output: not submitted again")
+    if not args.wait:
+        return 0
+    client = submit.connect(args.address)
+    for chunk in submit.logs(client, submitted.submission_id, follow=True):
+        print(chunk, end="", flush=True)
+    while (state := submit.status(client, submitted.submission_id)).state not in submit.FINISHED:
+        time.sleep(1)  # the log stream ends a moment before the state does
+    print(_format_status(state))
+    return 0 if state.state == "SUCCEEDED" else EXIT_FAILED
+
+
+def _format_status(state) -> str:
+    lines = [f"{state.submission_id}: {state.state}" + (f" ({state.message})" if state.message else "")]
+    if state.output:
+        lines.append(f"  output    {state.output}")
+    if state.rows_done is not None:
+        lines.append(f"  rows      {state.rows_done}/{state.rows_total}   {state.progress}")
+    if state.output_rows is not None:
+        lines.append(f"  finished  {state.output_rows} output rows in {state.parts} parts")
+    return "\n".join(lines)
+
+
+def _submission(args: argparse.Namespace):
+    from jobs import submit
+
+    client = submit.connect(args.address)
+    return client, submit.resolve(client, args.target, submit.api_address(args.address))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    client, submission_id = _submission(args)
+    print(_format_status(submit.status(client, submission_id)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    client, submission_id = _submission(args)
+    for chunk in submit.logs(client, submission_id, follow=args.follow):
+        print(chunk, end="", flush=True)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from jobs import submit
+
+    client, submission_id = _submission(args)
+    if submit.stop(client, submission_id):
+        print(f"stopping {submission_id}; a later submit resumes from its committed rows")
+    else:
+        print(f"{submission_id} had already ended")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from jobs import submit
+
+    def when(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+    jobs = submit.submissions(submit.connect(args.address))
+    print(f"{'SUBMISSION':<34} {'STATE':<10} {'KIND':<10} {'STARTED':<19} {'ENDED':<19} OUTPUT")
+    for job in jobs:
+        print(f"{job.submission_id:<34} {str(job.status):<10} {job.metadata.get('facejobs.kind', '?'):<10} "
+              f"{when(job.start_time):<19} {when(job.end_time):<19} {job.metadata.get('facejobs.output', '')}")
     return 0
 
 
@@ -146,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
                             help="add rows to an output written with other options or models")
     run_parser.set_defaults(handler=cmd_run)
 
+    address_help = "the cluster's Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS)"
+    submit_parser = commands.add_parser("submit", help="run a job spec on a Ray cluster (Ray Jobs API)")
+    submit_parser.add_argument("spec", help="YAML or JSON job spec")
+    submit_parser.add_argument("--address", default=None, help=address_help)
+    submit_parser.add_argument("--wait", action="store_true",
+                               help="stream the logs until it ends; exit 0 only if it succeeded")
+    submit_parser.add_argument("--allow-spec-change", action="store_true", help="passed on to `facejobs run`")
+    submit_parser.set_defaults(handler=cmd_submit)
+    for name, handler, text in (("status", cmd_status, "state and rows so far of a submission"),
+                                ("logs", cmd_logs, "a submission's logs"),
+                                ("stop", cmd_stop, "stop a submission (a later submit resumes it)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("target", help="submission id, or the spec file (its output's newest submission)")
+        sub.add_argument("--address", default=None, help=address_help)
+        if name == "logs":
+            sub.add_argument("--follow", "-f", action="store_true", help="keep printing until it ends")
+        sub.set_defaults(handler=handler)
+    list_parser = commands.add_parser("list", help="facejobs submissions on the cluster")
+    list_parser.add_argument("--address", default=None, help=address_help)
+    list_parser.set_defaults(handler=cmd_list)
+
     train_parser = commands.add_parser("train", help="train a model (kind: train spec) with Ray Train")
     train_parser.add_argument("spec")
     train_parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
@@ -193,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.lease import LeaseHeld
     from jobs.lineage import SpecChanged
     from jobs.storage import StorageError
+    from jobs.submit import SubmitError
 
     try:
         return args.handler(args)
     except (SpecError, ManifestError, SchemaError, SpecChanged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SPEC
-    except (OutputError, FileNotFoundError, LeaseHeld, StorageError) as exc:
+    except (OutputError, FileNotFoundError, LeaseHeld, StorageError, SubmitError) as exc:
         # JobFailed is an OutputError: one line for a person; the traceback with --verbose.
         if args.verbose and not isinstance(exc, (LeaseHeld, FileNotFoundError)):
             log.exception("job failed")

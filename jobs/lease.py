@@ -55,6 +55,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from fsspec.implementations.local import LocalFileSystem
@@ -75,6 +76,14 @@ log = logging.getLogger(__name__)
 LEASE = "_LEASE"
 
 
+def machine_boot_id() -> str:
+    """This machine's boot id (Linux), or "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """What a lease file says about its holder. Times are unix seconds."""
@@ -87,6 +96,26 @@ class LeaseRecord:
     ttl_s: float
     token: str  # unique per acquisition: tells two acquisitions by one run apart
     info: dict = field(default_factory=dict)
+    boot: str = ""  # the holder machine's boot id: with host, says "this machine, this boot"
+
+    def died_here(self) -> bool:
+        """True if the holder ran on this machine, in this boot, and its process is gone.
+
+        A driver killed outright (``kill -9``, an OOM kill) cannot release its
+        lease; a rerun on the same machine (the head node, for submitted jobs) need
+        not wait out the ttl for it. A reused pid only makes us wait (the safe way).
+        """
+        if not self.boot or self.host != socket.gethostname() or self.boot != machine_boot_id():
+            return False
+        if self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
@@ -98,7 +127,8 @@ class LeaseRecord:
             raw = json.loads(data)
             return cls(run_id=str(raw["run_id"]), host=str(raw["host"]), pid=int(raw["pid"]),
                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
-                       ttl_s=float(raw["ttl_s"]), token=str(raw["token"]), info=dict(raw.get("info") or {}))
+                       ttl_s=float(raw["ttl_s"]), token=str(raw["token"]), info=dict(raw.get("info") or {}),
+                       boot=str(raw.get("boot") or ""))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -487,7 +517,8 @@ class Lease:
         uri = location.join(LEASE).uri
         now = time.time()
         record = LeaseRecord(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), started=now,
-                             heartbeat=now, ttl_s=float(ttl_s), token=uuid.uuid4().hex, info=dict(info or {}))
+                             heartbeat=now, ttl_s=float(ttl_s), token=uuid.uuid4().hex, info=dict(info or {}),
+                             boot=machine_boot_id())
         data = record.to_bytes()
         seen = None
         for _ in range(5):  # each round ends in success, refusal, or a lost race
@@ -501,11 +532,13 @@ class Lease:
                     continue
             else:
                 ttl = seen.record.ttl_s if seen.record else ttl_s
-                if seen.age_s <= ttl:
+                dead = seen.record is not None and seen.record.died_here()
+                if seen.age_s <= ttl and not dead:
                     raise LeaseHeld(uri, seen.record, seen.age_s, ttl)
                 holder = f"run {seen.record.run_id!r} on {seen.record.host}" if seen.record else "an unreadable lease"
-                log.warning("taking over the stale lease %s of %s: no heartbeat for %.0fs (ttl %.0fs)",
-                            uri, holder, seen.age_s, ttl)
+                why = (f"its process {seen.record.pid} on this machine is gone" if dead
+                       else f"no heartbeat for {seen.age_s:.0f}s (ttl {ttl:.0f}s)")
+                log.warning("taking over the stale lease %s of %s: %s", uri, holder, why)
                 try:
                     with_retry(lambda: store.replace(data, seen.version), retry, f"take over {uri}")
                 except _Conflict:

@@ -228,7 +228,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid YAML/JSON: {exc}") from None
     if isinstance(data, dict):
-        data = _anchor_local_paths(data, path.resolve().parent)
+        data = anchored_document(data, path.resolve().parent)
     return parse_spec(data, source=str(path))
 
 
@@ -240,21 +240,28 @@ _LOCATION_FIELDS = (("input", "manifest"), ("output", "path"), ("options", "rig"
 _LOCATION_SECTIONS = ("models", "data")
 
 
-def _anchor_local_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
-    data = dict(data)
+def location_fields(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(section, field, value)`` of every location a spec document names."""
     fields = list(_LOCATION_FIELDS)
     for section in _LOCATION_SECTIONS:
         if isinstance(data.get(section), dict):
             fields += [(section, name) for name in data[section]]
+    found = []
     for section, field in fields:
         block = data.get(section)
-        if not isinstance(block, dict) or not isinstance(block.get(field), str):
-            continue
-        value = block[field].strip()
+        if isinstance(block, dict) and isinstance(block.get(field), str) and block[field].strip():
+            found.append((section, field, block[field].strip()))
+    return found
+
+
+def anchored_document(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The spec document with relative local paths made absolute against ``folder`` (the spec's)."""
+    data = dict(data)
+    for section, field, value in location_fields(data):
         scheme = urlsplit(value).scheme
-        if not value or (len(scheme) > 1) or Path(value).is_absolute():
+        if len(scheme) > 1 or Path(value).is_absolute():
             continue  # URIs (s3://, file://) and absolute paths stand as written
-        data[section] = {**block, field: os.path.normpath(folder / value)}
+        data[section] = {**data[section], field: os.path.normpath(folder / value)}
     return data
 
 

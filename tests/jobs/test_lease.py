@@ -180,3 +180,33 @@ def test_bad_arguments_are_refused(tmp_path):
         Lease.acquire(locate(str(tmp_path)), "run", ttl_s=120, heartbeat_s=60)
     with pytest.raises(ValueError, match="run_id must be a non-empty string"):
         Lease.acquire(locate(str(tmp_path)), "")
+
+
+def test_a_lease_whose_holder_was_killed_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
+    """A driver killed with SIGKILL cannot release its lease; a rerun here need not wait out the ttl."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = locate(str(tmp_path / "out"))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from jobs.lease import Lease\nfrom jobs.storage import locate\n"
+        f"Lease.acquire(locate({str(tmp_path / 'out')!r}), 'killed-run', ttl_s=600, heartbeat_s=60)\n"
+        "print('held', flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LeaseHeld, match="'killed-run'"):  # alive: held, however old
+        Lease.acquire(folder, "rerun")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with caplog.at_level("WARNING", logger="jobs.lease"):
+        rerun = Lease.acquire(folder, "rerun")
+    assert any(f"its process {holder.pid} on this machine is gone" in r.getMessage() for r in caplog.records)
+    rerun.release()
+
+    # The same dead pid written by another machine (another boot id) proves nothing: wait for the ttl.
+    record = json.loads(Lease.acquire(folder, "other-machine").record.to_bytes())
+    record.update(pid=holder.pid, boot="another-boot", heartbeat=time.time())
+    (tmp_path / "out" / LEASE).write_text(json.dumps(record))
+    with pytest.raises(LeaseHeld, match="'other-machine'"):
+        Lease.acquire(folder, "rerun")

@@ -1,0 +1,249 @@
+"""Jobs on a remote Ray cluster, through the Ray Jobs API.
+
+``facejobs submit SPEC`` sends the spec (and nothing else) to the cluster and
+runs ``facejobs run`` there; ``status``, ``logs``, ``stop`` and ``list`` look
+after it. One output folder has at most one submission running: submission ids
+are ``facejobs-<hash of the output location>-<n>``, so two clients submitting the
+same job race for the same id and the Jobs server lets only one of them have it
+(the other reports the running one). A job stopped or failed is resumed by the
+next submit, which starts submission ``n + 1`` over the committed rows.
+
+Token authentication (``RAY_AUTH_MODE=token`` on the cluster) is Ray's own: set
+``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+or ``~/.ray/auth_token``) where these commands run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import yaml
+
+from jobs.spec import JobSpec, SpecError, anchored_document, location_fields, parse_spec
+
+METADATA_FLAG = "facejobs"  # metadata key that marks a submission as ours
+ACTIVE = ("PENDING", "RUNNING")
+FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+SPEC_NAME = "spec.yaml"
+_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# One progress line of ``facejobs run`` (jobs.progress), and the summary's counts.
+_PROGRESS = re.compile(r"(\d+)/(\d+) rows \(\s*\d+%\)[^\r\n]*")
+_SUMMARY_ROWS = re.compile(r"output rows\s+(\d+) in (\d+) parts")
+
+
+class SubmitError(Exception):
+    """The cluster cannot be reached, refused a request, or has no such submission."""
+
+
+def api_address(address: str | None) -> str:
+    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS`` or an http ``RAY_ADDRESS``."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HOST:8265 (after `ray dashboard cluster.yaml` "
+                          "the head's Jobs API is http://127.0.0.1:8265) or set RAY_API_SERVER_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    if urlsplit(address).scheme not in ("http", "https"):
+        raise SubmitError(f"--address must be the cluster's Jobs API (http://HOST:8265), got {address!r}")
+    return address
+
+
+def is_this_machine(address: str) -> bool:
+    return urlsplit(address).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(address: str | None):
+    """A ``JobSubmissionClient`` for ``address`` (the environment cannot redirect an explicit one)."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = api_address(address)
+    saved = {name: os.environ.pop(name) for name in _ADDRESS_VARIABLES if name in os.environ}
+    try:
+        return JobSubmissionClient(url)
+    except ConnectionError as exc:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {exc}") from None
+    except Exception as exc:  # Ray raises RuntimeError/AuthenticationError with its own message
+        raise SubmitError(f"{url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        os.environ.update(saved)
+
+
+def output_hash(spec: JobSpec) -> str:
+    """A short, stable name for the output folder (the id prefix of its submissions)."""
+    return hashlib.sha256(spec.output.path.rstrip("/").encode()).hexdigest()[:12]
+
+
+def _ours(details) -> bool:
+    return bool(details.submission_id) and (details.metadata or {}).get(METADATA_FLAG) == "1"
+
+
+def submissions(client, output: str | None = None) -> list:
+    """facejobs submissions, oldest first (optionally those of one output hash)."""
+    found = [job for job in client.list_jobs() if _ours(job)
+             and (output is None or job.metadata.get("facejobs.output_hash") == output)]
+    return sorted(found, key=lambda job: (job.start_time or 0, job.submission_id))
+
+
+def _sequence(submission_id: str) -> int:
+    tail = submission_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Submitted:
+    submission_id: str
+    started: bool  # False: this output already had a running submission, reported instead
+
+
+def prepare_spec(path: str | Path, address: str) -> tuple[JobSpec, dict[str, Any]]:
+    """The spec as the cluster will read it: relative paths made absolute, checked.
+
+    A spec for a cluster on another machine must not name files that only this
+    machine has: every location must be an object-store URI then.
+
+    Raises:
+        SpecError: naming the field.
+    """
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML/JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise SpecError(f"{path}: a spec is a mapping with a 'kind' field")
+    document = anchored_document(document, path.resolve().parent)
+    spec = parse_spec(document, source=str(path))
+    if spec.kind == "train":
+        raise SpecError(f"{path}: kind: train specs are not submitted as batch jobs; run `facejobs train` on the "
+                        "cluster (ray job submit -- facejobs train SPEC)")
+    if not is_this_machine(address):
+        for section, field, value in location_fields(document):
+            scheme = urlsplit(value).scheme
+            if len(scheme) <= 1 or scheme == "file":
+                raise SpecError(f"{path}: {section}.{field}: {value!r} is a path on this machine; the job runs on "
+                                f"the cluster at {address}, which cannot read it: use an object-store URI (s3://...)")
+    return spec, document
+
+
+def submit(spec_path: str | Path, address: str | None = None, *, run_args: tuple[str, ...] = ()) -> Submitted:
+    """Start ``facejobs run`` on the cluster, or report the submission already producing this output."""
+    from ray.job_submission import JobStatus
+
+    url = api_address(address)
+    spec, document = prepare_spec(spec_path, url)
+    client = connect(url)
+    prefix = f"facejobs-{output_hash(spec)}"
+    earlier = submissions(client, output_hash(spec))
+    running = [job for job in earlier if job.status in ACTIVE]
+    if running:
+        return Submitted(running[-1].submission_id, started=False)
+    submission_id = f"{prefix}-{max([_sequence(job.submission_id) for job in earlier], default=0) + 1}"
+    metadata = {METADATA_FLAG: "1", "facejobs.kind": spec.kind, "facejobs.output": spec.output.path,
+                "facejobs.output_hash": output_hash(spec), "facejobs.spec": Path(spec_path).name}
+    with tempfile.TemporaryDirectory(prefix="facejobs-submit-") as folder:
+        # The working directory holds the spec only: nothing else of this machine travels.
+        (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
+        entrypoint = shlex.join(["facejobs", "run", SPEC_NAME, *run_args])
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                              runtime_env={"working_dir": folder})
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise SubmitError(f"submit {submission_id}: {exc}") from None
+            # Another client took this id first: report its submission.
+            if client.get_job_status(submission_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+                return Submitted(submission_id, started=False)
+            raise SubmitError(f"submission {submission_id} was just made by another client and has ended; "
+                              "submit again to resume") from None
+    return Submitted(submission_id, started=True)
+
+
+def resolve(client, target: str, address: str) -> str:
+    """A submission id from an id or a spec file (its output's newest submission)."""
+    if not target.endswith((".yaml", ".yml", ".json")) or not Path(target).is_file():
+        return target
+    spec, _ = prepare_spec(target, address)
+    found = submissions(client, output_hash(spec))
+    if not found:
+        raise SubmitError(f"no facejobs submission for {spec.output.path} on this cluster")
+    return found[-1].submission_id
+
+
+def _details(client, submission_id: str):
+    try:
+        return client.get_job_info(submission_id)
+    except RuntimeError as exc:
+        raise SubmitError(f"no submission {submission_id!r} on this cluster ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Status:
+    submission_id: str
+    state: str
+    message: str
+    rows_done: int | None  # rows of the manifest processed so far (None: not reported yet)
+    rows_total: int | None
+    progress: str | None  # the newest progress line as the job printed it
+    output: str | None
+    output_rows: int | None  # from the finished job's summary
+    parts: int | None
+
+
+def progress_from_logs(logs: str) -> tuple[int | None, int | None, str | None, int | None, int | None]:
+    """The newest progress line of ``facejobs run`` logs, and the summary's row and part counts."""
+    matches = list(_PROGRESS.finditer(logs))
+    done = total = line = None
+    if matches:
+        last = matches[-1]
+        done, total, line = int(last.group(1)), int(last.group(2)), last.group(0).strip()
+    summary = _SUMMARY_ROWS.findall(logs)
+    output_rows, parts = (int(summary[-1][0]), int(summary[-1][1])) if summary else (None, None)
+    return done, total, line, output_rows, parts
+
+
+def status(client, submission_id: str) -> Status:
+    details = _details(client, submission_id)
+    logs = client.get_job_logs(submission_id) if details.status != "PENDING" else ""
+    done, total, line, output_rows, parts = progress_from_logs(logs)
+    return Status(submission_id, str(details.status), details.message or "", done, total, line,
+                  (details.metadata or {}).get("facejobs.output"), output_rows, parts)
+
+
+def stop(client, submission_id: str) -> bool:
+    """Ask the cluster to stop the submission; False if it had already ended."""
+    _details(client, submission_id)
+    return bool(client.stop_job(submission_id))
+
+
+def logs(client, submission_id: str, follow: bool = False) -> Iterator[str]:
+    """The submission's log text; with ``follow``, chunks as they come until it ends."""
+    _details(client, submission_id)
+    if not follow:
+        yield client.get_job_logs(submission_id)
+        return
+
+    # tail_job_logs is async; collected chunk by chunk from a private event loop.
+    loop = asyncio.new_event_loop()
+    try:
+        generator = client.tail_job_logs(submission_id).__aiter__()
+        while True:
+            try:
+                yield loop.run_until_complete(generator.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

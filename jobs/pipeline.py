@@ -235,12 +235,20 @@ def block_sizes(spec: JobSpec, kind: JobKind, rows: int) -> BlockSizes:
 
 # -- building ----------------------------------------------------------------
 
+def cpu_pool_cpus() -> float:
+    """CPUs of the nodes that CPU pools prefer (not labelled GPU nodes); all CPUs if there are none."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    preferred = sum(node.get("Resources", {}).get("CPU", 0.0) for node in nodes
+                    if (node.get("Labels") or {}).get(POOL_LABEL) != "gpu")
+    return preferred or ray.cluster_resources().get("CPU", 1.0)
+
+
 def _cpu_actor_cpus(spec: JobSpec, cpu_actors: int, reserved: float = 0.0) -> float:
-    """CPUs per CPU-pool actor: the spec's, or a share that fits every pool beside a reserve."""
+    """CPUs per CPU-pool actor: the spec's, or a share that fits every pool beside a reserve
+    on the nodes the CPU pools prefer."""
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, (total - CPU_RESERVE - reserved) / cpu_actors))
+    return max(0.1, min(1.0, (cpu_pool_cpus() - CPU_RESERVE - reserved) / cpu_actors))
 
 
 def _model_threads(spec: JobSpec) -> int:

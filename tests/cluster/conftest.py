@@ -1,0 +1,138 @@
+"""A two-node Ray cluster on this machine's loopback, and jobs submitted to it.
+
+The head (2 CPUs, no labels) holds the drivers of submitted jobs and the CPU
+pools; the worker declares one logical GPU and the label
+``facejobs-pool=gpu``, like a GPU node of cluster.yaml. The cluster's processes
+get AWS credentials of their own (as a node gets them from its instance role):
+the security test looks for them everywhere a job leaves text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from jobs.local_cluster import LocalCluster, free_port
+from jobs.manifest import write_manifest
+from jobs.output import SYSTEMIC_STATUSES
+
+CLUSTER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFACEJOBSCLUSTER7Q",
+                       "AWS_SECRET_ACCESS_KEY": "facejobs-cluster-secret-4f9d2e61b0c8a7"}
+GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "labels": {"facejobs-pool": "gpu"}}
+FACEJOBS = [sys.executable, "-m", "jobs.cli"]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    with LocalCluster([GPU_NODE], head_cpus=2, env=CLUSTER_CREDENTIALS) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Small untrained pinch models: these tests are about placement and faults, not quality."""
+    from facecore import weights
+    from facecore.models.imitator import Imitator, ImitatorConfig
+    from facecore.models.parsing import FaceParser, ParsingConfig
+    from facecore.rig import default_schema
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    weights.save_model(Imitator(ImitatorConfig(param_dim=default_schema().vector_size, image_size=32,
+                                               base_channels=8)), str(folder / "imitator"))
+    weights.save_model(FaceParser(ParsingConfig(base_channels=8, stages=3)), str(folder / "parser"))
+    return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
+
+
+FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
+
+
+def photo_copies(photos: dict[str, Path], folder: Path, count: int, start: int = 0) -> list[Path]:
+    """``count`` input files (numbered from ``start``), copies of the sample face photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        source = photos[FACE_PHOTOS[index % len(FACE_PHOTOS)]]
+        path = folder / f"photo-{index:05d}{source.suffix}"
+        if not path.exists():
+            shutil.copyfile(source, path)
+        paths.append(path)
+    return paths
+
+
+def manifest_of(paths: list[Path], manifest: Path) -> list[str]:
+    keys = [path.name for path in paths]
+    write_manifest([str(path) for path in paths], str(manifest), keys=keys)
+    return keys
+
+
+def write_spec(path: Path, document: dict) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def facejobs(*args: str, address: str | None = None, timeout: float = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the facejobs CLI as a user would, against the cluster's Jobs API."""
+    command = [*FACEJOBS, *args] + (["--address", address] if address else [])
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    environment.update(env or {})
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def committed_keys(output: Path) -> list[str]:
+    parts = sorted(output.glob("part-*.parquet"))
+    return pd.read_parquet(parts, columns=["key"]).key.tolist() if parts else []
+
+
+def assert_exactly_once(output: Path, keys: list[str]) -> pd.DataFrame:
+    """Every input key once (largest face: one row per photo), none failed for a systemic reason, _SUCCESS."""
+    frame = pd.read_parquet(output)
+    assert not frame.key.duplicated().any(), frame.key[frame.key.duplicated()].tolist()[:5]
+    assert sorted(frame.key) == sorted(keys)
+    failed = frame[frame.status.isin(SYSTEMIC_STATUSES)]
+    assert failed.empty, failed[["key", "status", "error"]].head().to_dict("records")
+    assert (output / "_SUCCESS").is_file()
+    return frame
+
+
+def success(output: Path) -> dict:
+    return json.loads((output / "_SUCCESS").read_text())
+
+
+@pytest.fixture
+def moto_server():
+    """A moto S3 server on a port of its own, that a test may stop and start again."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+
+    def restart():
+        servers[-1].stop()
+        time.sleep(3)  # down long enough that reads in flight fail and retry
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+
+    yield f"http://127.0.0.1:{port}", restart
+    servers[-1].stop()

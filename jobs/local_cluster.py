@@ -23,12 +23,24 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 # Every node gets an object store of this size (Cluster's default, 150 MiB, is
 # too small for blocks of decoded photos).
 OBJECT_STORE_BYTES = 400 * 1024 * 1024
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    """``predicate()``'s first true value, polled every ``every`` s; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def free_port() -> int:

@@ -197,3 +197,24 @@ def write_corpus(folder: Path, corpus: dict[str, tuple[bytes | None, str]]) -> l
             path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
+
+
+def photo_copies(photos: dict[str, Path], folder: Path, count: int, start: int = 0) -> list[Path]:
+    """``count`` input files numbered from ``start`` (``photo-00000.jpg``...), copies of the face photos in turn.
+
+    Numbered names are distinct keys: a manifest of copies behaves like one of
+    as many photos, and a growing manifest keeps its earlier keys.
+    """
+    names = [name for name in FACE_PHOTOS if name in photos]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        source = photos[names[index % len(names)]]
+        path = folder / f"photo-{index:05d}{source.suffix}"
+        if not path.exists():
+            shutil.copyfile(source, path)
+        paths.append(path)
+    return paths

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,9 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.local_cluster import LocalCluster, free_port
+from jobs.local_cluster import LocalCluster, free_port, wait_for  # noqa: F401 (tests import it from here)
 from jobs.manifest import write_manifest
 from jobs.output import SYSTEMIC_STATUSES
+from jobs.samples import photo_copies  # noqa: F401 (tests import it from here)
 
 CLUSTER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFACEJOBSCLUSTER7Q",
                        "AWS_SECRET_ACCESS_KEY": "facejobs-cluster-secret-4f9d2e61b0c8a7"}
@@ -53,22 +53,6 @@ def tiny_models(tmp_path_factory):
     return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
 
 
-FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
-
-
-def photo_copies(photos: dict[str, Path], folder: Path, count: int, start: int = 0) -> list[Path]:
-    """``count`` input files (numbered from ``start``), copies of the sample face photos."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(start, start + count):
-        source = photos[FACE_PHOTOS[index % len(FACE_PHOTOS)]]
-        path = folder / f"photo-{index:05d}{source.suffix}"
-        if not path.exists():
-            shutil.copyfile(source, path)
-        paths.append(path)
-    return paths
-
-
 def manifest_of(paths: list[Path], manifest: Path) -> list[str]:
     keys = [path.name for path in paths]
     write_manifest([str(path) for path in paths], str(manifest), keys=keys)
@@ -87,16 +71,6 @@ def facejobs(*args: str, address: str | None = None, timeout: float = 600,
     environment = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     environment.update(env or {})
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def committed_keys(output: Path) -> list[str]:

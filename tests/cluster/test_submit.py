@@ -133,3 +133,25 @@ def test_a_spec_for_a_remote_cluster_must_name_object_store_uris(tmp_path):
     refused = facejobs("submit", str(spec), address="http://ray-head.invalid:8265")  # refused before any connection
     assert refused.returncode == 2
     assert "input.manifest:" in refused.stderr and "s3://" in refused.stderr
+
+
+def test_token_auth_is_required_and_works_with_the_token(photos, tmp_path):
+    from jobs.local_cluster import LocalCluster
+
+    token = "facejobs-test-token-" + "3b8e1f9a7c2d4e6f"
+    with LocalCluster([], head_cpus=2, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as secured:
+        refused = facejobs("list", address=secured.dashboard_url, env={"RAY_AUTH_MODE": "disabled"})
+        assert refused.returncode == 1 and "no authentication token was found" in refused.stderr, refused.stderr
+        wrong = facejobs("list", address=secured.dashboard_url,
+                         env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
+        assert wrong.returncode == 1 and "token is invalid or incorrect" in wrong.stderr, wrong.stderr
+
+        keys = manifest_of(photo_copies(photos, tmp_path / "in", 4), tmp_path / "m.parquet")
+        spec = _align_spec(tmp_path, tmp_path / "m.parquet", tmp_path / "out")
+        with_token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        done = facejobs("submit", str(spec), "--wait", address=secured.dashboard_url, env=with_token)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert token not in done.stdout + done.stderr
+        assert_exactly_once(tmp_path / "out", keys)
+        listed = facejobs("list", address=secured.dashboard_url, env=with_token)
+        assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout

@@ -31,8 +31,9 @@ GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "labels": {"facejobs-pool": "gpu"}}
 FACEJOBS = [sys.executable, "-m", "jobs.cli"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
+    """Per module: ended before the rest of the suite runs, so its idle processes cost nothing later."""
     with LocalCluster([GPU_NODE], head_cpus=2, env=CLUSTER_CREDENTIALS) as local:
         yield local
 

@@ -62,9 +62,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``facejobs stop``, ``ray job stop``, a scheduler) ends the run through
+    its ``finally`` blocks: the lease is released and the run's temporaries removed,
+    so the next run need not wait out the lease."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.pipeline import run
 
+    _exit_on_sigterm()
     spec = load_spec(args.spec)
     if spec.kind == "train":
         raise SpecError(f"{args.spec}: kind: train specs run with `facejobs train`")
@@ -75,8 +88,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import time
-
     from jobs import submit
 
     run_args = ("--allow-spec-change",) if args.allow_spec_change else ()
@@ -88,12 +99,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     client = submit.connect(args.address)
-    for chunk in submit.logs(client, submitted.submission_id, follow=True):
-        print(chunk, end="", flush=True)
-    while (state := submit.status(client, submitted.submission_id)).state not in submit.FINISHED:
-        time.sleep(1)  # the log stream ends a moment before the state does
-    print(_format_status(state))
+    state = _follow(client, submitted.submission_id)
+    if not submitted.started:
+        # A scheduled run that found the last one still going: its new rows are not
+        # in that run's plan. Once it has ended, submit again (it resumes).
+        print(f"{submitted.submission_id} ended {state.state}; submitting this run now")
+        submitted = submit.submit(args.spec, args.address, run_args=run_args)
+        print(("submitted " if submitted.started else "already running: ") + submitted.submission_id)
+        state = _follow(client, submitted.submission_id)
     return 0 if state.state == "SUCCEEDED" else EXIT_FAILED
+
+
+def _follow(client, submission_id: str):
+    """Print a submission's logs as they come, until it ends; its final status."""
+    import time
+
+    from jobs import submit
+
+    try:
+        for chunk in submit.logs(client, submission_id, follow=True):
+            print(chunk, end="", flush=True)
+    except submit.SubmitError as exc:  # a broken stream (a tunnel hiccup): the job goes on; poll instead
+        print(f"\nwarning: log stream ended ({exc}); waiting for the job's end", file=sys.stderr)
+    while (state := submit.status(client, submission_id)).state not in submit.FINISHED:
+        time.sleep(2)  # the log stream ends a moment before the state does
+    print(_format_status(state))
+    return state
 
 
 def _format_status(state) -> str:

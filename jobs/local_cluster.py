@@ -71,6 +71,9 @@ class LocalCluster:
         bin_dir = str(Path(sys.executable).parent)
         environment["PATH"] = bin_dir + os.pathsep + environment.get("PATH", "")
         environment.setdefault("RAY_AUTH_MODE", "disabled")
+        environment["RAY_USAGE_STATS_ENABLED"] = "0"  # a test cluster reports nothing to anyone
+        # The dashboard's own metrics port is fixed by default (44227): another Ray would hold it.
+        environment["DASHBOARD_METRIC_PORT"] = str(free_port())
         environment.pop("RAY_ADDRESS", None)
         self.env = environment
         self.dashboard_port = free_port()
@@ -109,6 +112,11 @@ class LocalCluster:
         """Start worker node ``index`` again with its original options."""
         self._call({"op": "start_worker", "index": index})
 
+    @property
+    def controller_pid(self) -> int:
+        """The controller's PID: every process of the cluster descends from it."""
+        return self._process.pid
+
     def pids(self) -> list[int]:
         """PIDs of every Ray process the controller started and that is alive."""
         return self._call({"op": "pids"})["pids"]
@@ -131,9 +139,36 @@ class LocalCluster:
 
 
 def _node_args(options: dict[str, Any]) -> dict[str, Any]:
+    # Every agent port chosen here, free: two clusters on one machine (a test's
+    # and another) must not meet on a port Ray would otherwise pick or fix.
     return {"num_cpus": options.get("num_cpus", 1), "num_gpus": options.get("num_gpus", 0),
             "labels": options.get("labels") or None, "resources": options.get("resources") or None,
-            "node_ip_address": "127.0.0.1", "object_store_memory": OBJECT_STORE_BYTES}
+            "node_ip_address": "127.0.0.1", "object_store_memory": OBJECT_STORE_BYTES,
+            "runtime_env_agent_port": free_port(), "metrics_export_port": free_port(),
+            "metrics_agent_port": free_port(), "dashboard_agent_listen_port": free_port()}
+
+
+class _AddressFile:
+    """Ray's "current cluster" file (``ray.init()`` without an address joins what it names).
+
+    ``Cluster`` writes it for its head and deletes it at shutdown: put back what
+    was there, so that a developer's own Ray on this machine stays the one found.
+    """
+
+    def __init__(self) -> None:
+        from ray._common.utils import get_ray_address_file
+
+        self.path = Path(get_ray_address_file(None))
+        self.saved = self.path.read_text() if self.path.is_file() else None
+
+    def restore(self) -> None:
+        try:
+            if self.saved is None:
+                self.path.unlink(missing_ok=True)
+            else:
+                self.path.write_text(self.saved)
+        except OSError:
+            pass
 
 
 def _serve() -> None:
@@ -145,6 +180,7 @@ def _serve() -> None:
     from ray.cluster_utils import Cluster
 
     cluster = None
+    address_file = _AddressFile()
     workers: dict[int, Any] = {}
     options: list[dict[str, Any]] = []
 
@@ -163,6 +199,7 @@ def _serve() -> None:
                     **_node_args({"num_cpus": request["head_cpus"], "labels": request["head_labels"]}),
                     "include_dashboard": True, "dashboard_host": "127.0.0.1",
                     "dashboard_port": request["dashboard_port"]})
+                address_file.restore()
                 options = request["workers"]
                 for index, node_options in enumerate(options):
                     workers[index] = cluster.add_node(**_node_args(node_options))
@@ -185,6 +222,7 @@ def _serve() -> None:
         answers.write(json.dumps(answer) + "\n")
     if cluster is not None:
         cluster.shutdown()
+        address_file.restore()
     del ray
 
 

@@ -25,6 +25,10 @@ def cluster_address(address: str | None = None) -> str | None:
 
 
 def keep_local_ray_on_loopback() -> bool:
-    """Turn the switch off unless set; False if ray was imported too early to obey."""
+    """Turn the switch off unless set; False if ray was imported too early to obey.
+
+    A Ray kept on this machine also sends no usage statistics unless asked to.
+    """
     os.environ.setdefault(SWITCH, "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return "ray" not in sys.modules

@@ -235,20 +235,28 @@ def block_sizes(spec: JobSpec, kind: JobKind, rows: int) -> BlockSizes:
 
 # -- building ----------------------------------------------------------------
 
-def cpu_pool_cpus() -> float:
-    """CPUs of the nodes that CPU pools prefer (not labelled GPU nodes); all CPUs if there are none."""
+def cpu_pool_cpus() -> float | None:
+    """CPUs of the live nodes that CPU pools prefer (those not labelled GPU nodes); None if none has CPUs."""
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     preferred = sum(node.get("Resources", {}).get("CPU", 0.0) for node in nodes
                     if (node.get("Labels") or {}).get(POOL_LABEL) != "gpu")
-    return preferred or ray.cluster_resources().get("CPU", 1.0)
+    return preferred or None
 
 
 def _cpu_actor_cpus(spec: JobSpec, cpu_actors: int, reserved: float = 0.0) -> float:
     """CPUs per CPU-pool actor: the spec's, or a share that fits every pool beside a reserve
-    on the nodes the CPU pools prefer."""
+    on the nodes the CPU pools prefer.
+
+    With no such node up (an autoscaling cluster whose CPU group is at zero), one
+    CPU per actor: a share sized to the CPUs that happen to be up would be tiny,
+    and whole CPUs are what make the autoscaler start CPU nodes.
+    """
     if spec.resources.num_cpus is not None:
         return spec.resources.num_cpus
-    return max(0.1, min(1.0, (cpu_pool_cpus() - CPU_RESERVE - reserved) / cpu_actors))
+    available = cpu_pool_cpus()
+    if available is None:
+        return 1.0
+    return max(0.1, min(1.0, (available - CPU_RESERVE - reserved) / cpu_actors))
 
 
 def _model_threads(spec: JobSpec) -> int:

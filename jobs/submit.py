@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import re
 import shlex
@@ -46,8 +47,13 @@ class SubmitError(Exception):
 
 
 def api_address(address: str | None) -> str:
-    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS`` or an http ``RAY_ADDRESS``."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    """The Jobs API address: ``--address``, else ``RAY_API_SERVER_ADDRESS`` or an http ``RAY_ADDRESS``.
+
+    (``RAY_ADDRESS`` on a cluster's nodes is the GCS, ``host:6379``: not the Jobs API.)
+    """
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS")
+               or (ray_address if ray_address.startswith(("http://", "https://")) else None))
     if not address:
         raise SubmitError("no cluster address: pass --address http://HOST:8265 (after `ray dashboard cluster.yaml` "
                           "the head's Jobs API is http://127.0.0.1:8265) or set RAY_API_SERVER_ADDRESS")
@@ -58,8 +64,49 @@ def api_address(address: str | None) -> str:
     return address
 
 
-def is_this_machine(address: str) -> bool:
+def _loopback_url(address: str) -> bool:
     return urlsplit(address).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def cluster_on_this_machine(address: str) -> bool:
+    """True if every live node of the cluster at ``address`` is this machine.
+
+    The address alone does not say: ``ray dashboard cluster.yaml`` and ``kubectl
+    port-forward`` put a remote cluster's Jobs API on this machine's loopback. So
+    a loopback address is followed by a look at the cluster's nodes; any other
+    address is taken as another machine without a request.
+    """
+    if not _loopback_url(address):
+        return False
+    import psutil
+    from ray.util.state import list_nodes
+
+    with _client_errors(address):
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    mine = {entry.address.split("%")[0] for entries in psutil.net_if_addrs().values() for entry in entries}
+
+    def here(ip: str) -> bool:
+        try:
+            return ipaddress.ip_address(ip).is_loopback or ip in mine
+        except ValueError:
+            return False
+
+    return bool(nodes) and all(here(node.node_ip) for node in nodes)
+
+
+@contextlib.contextmanager
+def _client_errors(address: str) -> Iterator[None]:
+    """Ray's client errors (RuntimeError, requests' and aiohttp's) as one SubmitError with the address."""
+    try:
+        yield
+    except SubmitError:
+        raise
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise SubmitError(f"{address}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in ("requests", "aiohttp", "urllib3", "ray"):
+            raise SubmitError(f"{address}: {type(exc).__name__}: {exc}") from None
+        raise
 
 
 def connect(address: str | None):
@@ -89,14 +136,16 @@ def _ours(details) -> bool:
 
 def submissions(client, output: str | None = None) -> list:
     """facejobs submissions, oldest first (optionally those of one output hash)."""
-    found = [job for job in client.list_jobs() if _ours(job)
+    with _client_errors(client.get_address()):
+        jobs = client.list_jobs()
+    found = [job for job in jobs if _ours(job)
              and (output is None or job.metadata.get("facejobs.output_hash") == output)]
     return sorted(found, key=lambda job: (job.start_time or 0, job.submission_id))
 
 
 def _sequence(submission_id: str) -> int:
     tail = submission_id.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+    return int(tail) if tail.isascii() and tail.isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +158,8 @@ def prepare_spec(path: str | Path, address: str) -> tuple[JobSpec, dict[str, Any
     """The spec as the cluster will read it: relative paths made absolute, checked.
 
     A spec for a cluster on another machine must not name files that only this
-    machine has: every location must be an object-store URI then.
+    machine has: every location must be an object-store URI then. Local paths
+    pass only for a cluster whose every node is this machine.
 
     Raises:
         SpecError: naming the field.
@@ -128,46 +178,53 @@ def prepare_spec(path: str | Path, address: str) -> tuple[JobSpec, dict[str, Any
     if spec.kind == "train":
         raise SpecError(f"{path}: kind: train specs are not submitted as batch jobs; run `facejobs train` on the "
                         "cluster (ray job submit -- facejobs train SPEC)")
-    if not is_this_machine(address):
-        for section, field, value in location_fields(document):
-            scheme = urlsplit(value).scheme
-            if len(scheme) <= 1 or scheme == "file":
-                raise SpecError(f"{path}: {section}.{field}: {value!r} is a path on this machine; the job runs on "
-                                f"the cluster at {address}, which cannot read it: use an object-store URI (s3://...)")
+    local = [(section, field, value) for section, field, value in location_fields(document)
+             if len(urlsplit(value).scheme) <= 1 or urlsplit(value).scheme == "file"]
+    if local and not cluster_on_this_machine(address):
+        section, field, value = local[0]
+        raise SpecError(f"{path}: {section}.{field}: {value!r} is a path on this machine; the job runs on the "
+                        f"cluster at {address}, whose nodes cannot read it: use an object-store URI (s3://...)")
     return spec, document
 
 
 def submit(spec_path: str | Path, address: str | None = None, *, run_args: tuple[str, ...] = ()) -> Submitted:
     """Start ``facejobs run`` on the cluster, or report the submission already producing this output."""
-    from ray.job_submission import JobStatus
-
     url = api_address(address)
     spec, document = prepare_spec(spec_path, url)
     client = connect(url)
     prefix = f"facejobs-{output_hash(spec)}"
-    earlier = submissions(client, output_hash(spec))
-    running = [job for job in earlier if job.status in ACTIVE]
+    with _client_errors(url):
+        jobs = client.list_jobs()
+    running = [job for job in jobs if _ours(job) and job.status in ACTIVE
+               and job.metadata.get("facejobs.output_hash") == output_hash(spec)]
     if running:
-        return Submitted(running[-1].submission_id, started=False)
-    submission_id = f"{prefix}-{max([_sequence(job.submission_id) for job in earlier], default=0) + 1}"
+        return Submitted(sorted(running, key=lambda job: job.start_time or 0)[-1].submission_id, started=False)
+    # Numbered after every id with the prefix, whoever made it: ids are never reused.
+    taken = [_sequence(job.submission_id) for job in jobs if (job.submission_id or "").startswith(prefix + "-")]
+    sequence = max(taken, default=0) + 1
     metadata = {METADATA_FLAG: "1", "facejobs.kind": spec.kind, "facejobs.output": spec.output.path,
                 "facejobs.output_hash": output_hash(spec), "facejobs.spec": Path(spec_path).name}
     with tempfile.TemporaryDirectory(prefix="facejobs-submit-") as folder:
         # The working directory holds the spec only: nothing else of this machine travels.
         (Path(folder) / SPEC_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
         entrypoint = shlex.join(["facejobs", "run", SPEC_NAME, *run_args])
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
-                              runtime_env={"working_dir": folder})
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):
-                raise SubmitError(f"submit {submission_id}: {exc}") from None
-            # Another client took this id first: report its submission.
-            if client.get_job_status(submission_id) in (JobStatus.PENDING, JobStatus.RUNNING):
+        for _ in range(5):
+            submission_id = f"{prefix}-{sequence}"
+            try:
+                with _client_errors(url):
+                    client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                                      runtime_env={"working_dir": folder})
+                return Submitted(submission_id, started=True)
+            except SubmitError as exc:
+                if "already exists" not in str(exc):
+                    raise
+            # Another client took this id first: report it if it is running, else take the next.
+            with _client_errors(url):
+                other = client.get_job_info(submission_id)
+            if str(other.status) in ACTIVE:
                 return Submitted(submission_id, started=False)
-            raise SubmitError(f"submission {submission_id} was just made by another client and has ended; "
-                              "submit again to resume") from None
-    return Submitted(submission_id, started=True)
+            sequence += 1
+    raise SubmitError(f"could not find a free submission id after {prefix}-{sequence - 1}")
 
 
 def resolve(client, target: str, address: str) -> str:
@@ -186,6 +243,9 @@ def _details(client, submission_id: str):
         return client.get_job_info(submission_id)
     except RuntimeError as exc:
         raise SubmitError(f"no submission {submission_id!r} on this cluster ({exc})") from None
+    except Exception as exc:
+        with _client_errors(client.get_address()):
+            raise exc
 
 
 @dataclass(frozen=True)
@@ -215,7 +275,8 @@ def progress_from_logs(logs: str) -> tuple[int | None, int | None, str | None, i
 
 def status(client, submission_id: str) -> Status:
     details = _details(client, submission_id)
-    logs = client.get_job_logs(submission_id) if details.status != "PENDING" else ""
+    with _client_errors(client.get_address()):
+        logs = client.get_job_logs(submission_id) if details.status != "PENDING" else ""
     done, total, line, output_rows, parts = progress_from_logs(logs)
     return Status(submission_id, str(details.status), details.message or "", done, total, line,
                   (details.metadata or {}).get("facejobs.output"), output_rows, parts)
@@ -224,14 +285,16 @@ def status(client, submission_id: str) -> Status:
 def stop(client, submission_id: str) -> bool:
     """Ask the cluster to stop the submission; False if it had already ended."""
     _details(client, submission_id)
-    return bool(client.stop_job(submission_id))
+    with _client_errors(client.get_address()):
+        return bool(client.stop_job(submission_id))
 
 
 def logs(client, submission_id: str, follow: bool = False) -> Iterator[str]:
     """The submission's log text; with ``follow``, chunks as they come until it ends."""
     _details(client, submission_id)
     if not follow:
-        yield client.get_job_logs(submission_id)
+        with _client_errors(client.get_address()):
+            yield client.get_job_logs(submission_id)
         return
 
     # tail_job_logs is async; collected chunk by chunk from a private event loop.
@@ -240,9 +303,11 @@ def logs(client, submission_id: str, follow: bool = False) -> Iterator[str]:
         generator = client.tail_job_logs(submission_id).__aiter__()
         while True:
             try:
-                yield loop.run_until_complete(generator.__anext__())
+                with _client_errors(client.get_address()):
+                    chunk = loop.run_until_complete(generator.__anext__())
             except StopAsyncIteration:
                 return
+            yield chunk
     finally:
         with contextlib.suppress(Exception):
             loop.run_until_complete(loop.shutdown_asyncgens())

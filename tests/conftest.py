@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no Ray started by a test reports anywhere
     # Fake credentials for the moto S3 server, set before Ray starts so that its
     # workers inherit them (moto accepts any; real ones, if set, are kept).
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

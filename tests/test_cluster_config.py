@@ -93,6 +93,8 @@ def test_kuberay_cluster_matches_cluster_yaml(kuberay, config):
 
     pods = [head["template"]["spec"]] + [group["template"]["spec"] for group in groups.values()]
     assert len({pod["containers"][0]["image"] for pod in pods}) == 1  # one image, every node the same
+    sidecar = {item["name"]: item for item in cluster["autoscalerOptions"]["env"]}
+    assert sidecar["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in sidecar
     for pod in pods:
         assert pod["serviceAccountName"] == kuberay["ServiceAccount"]["metadata"]["name"]  # IAM role credentials
         env = {item["name"]: item for item in pod["containers"][0]["env"]}

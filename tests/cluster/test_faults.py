@@ -206,19 +206,36 @@ def test_no_credential_in_specs_logs_metadata_or_outputs(cluster, photos, moto_s
         assert not leaks, f"{secret[:6]}... found in {leaks[:5]}"
 
 
-def test_every_port_of_the_cluster_listens_on_loopback_only(cluster):
+def test_every_socket_of_the_cluster_stays_on_loopback_while_a_job_runs(cluster, photos, tmp_path):
+    """Every process the cluster started (daemons, workers, job supervisor, driver): listening
+    sockets on loopback only, connections only to loopback."""
     import psutil
 
-    listening = []
-    for pid in cluster.pids():
-        try:
-            connections = psutil.Process(pid).net_connections(kind="inet")
-        except psutil.NoSuchProcess:
-            continue
-        listening += [(pid, c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN]
+    manifest_of(photo_copies(photos, tmp_path / "in", 200), tmp_path / "m.parquet")
+    spec = write_spec(tmp_path / "align.json", {
+        "kind": "align", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": str(tmp_path / "out")},
+        "options": {"size": 64}, "resources": {"concurrency": 2, "rows_per_block": 16}})
+    submission = _submit(spec, cluster)
+    wait_for(lambda: committed_keys(tmp_path / "out"), 240, "the job under way")
+
     def loopback(ip: str) -> bool:
         address = ipaddress.ip_address(ip)
         return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
-    assert len(listening) >= 5  # GCS, raylets, object managers, dashboard, Jobs API...
+    listening, remote, processes = [], [], 0
+    for process in psutil.Process(cluster.controller_pid).children(recursive=True):
+        try:
+            connections = process.net_connections(kind="inet")
+            name = process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        processes += 1
+        for connection in connections:
+            if connection.status == psutil.CONN_LISTEN:
+                listening.append((name, connection.laddr.ip, connection.laddr.port))
+            elif connection.raddr:
+                remote.append((name, connection.raddr.ip, connection.raddr.port))
+    assert _final_state(cluster, submission) == "SUCCEEDED"
+    assert processes >= 10 and len(listening) >= 8 and remote  # daemons, workers, the driver: seen at work
     assert all(loopback(ip) for _, ip, _ in listening), [entry for entry in listening if not loopback(entry[1])]
+    assert all(loopback(ip) for _, ip, _ in remote), [entry for entry in remote if not loopback(entry[1])]

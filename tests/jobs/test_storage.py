@@ -110,6 +110,7 @@ def test_with_retry_stops_at_the_deadline_and_passes_other_errors_through():
                    RetryPolicy(attempts=100, base_delay_s=0.05, max_delay_s=0.05, deadline_s=0.3), "probe")
     # 0.05 s apart within 0.3 s: a handful of tries, far from the 100 allowed (fewer on a loaded machine).
     assert 2 <= info.value.attempts <= 12
+    assert info.value.elapsed_s < 5  # 100 tries 0.05 s apart would take 5 s: the deadline ended it
     with pytest.raises(KeyError):  # a bug is not a storage error: raised unchanged, no retries
         with_retry(lambda: {}["x"], RetryPolicy(), "probe")
     answers = iter([ConnectionResetError(104, "reset"), b"ok"])

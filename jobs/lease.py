@@ -84,6 +84,27 @@ def machine_boot_id() -> str:
         return ""
 
 
+def process_start(pid: int) -> str | None:
+    """A live process's start time (clock ticks since boot, field 22 of /proc/PID/stat);
+    None if no such process, "" if it cannot be told (not Linux, no access)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ""
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_space() -> str:
+    """This process's pid namespace (the inode of /proc/self/ns/pid); "" where there is none."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """What a lease file says about its holder. Times are unix seconds."""
@@ -97,25 +118,22 @@ class LeaseRecord:
     token: str  # unique per acquisition: tells two acquisitions by one run apart
     info: dict = field(default_factory=dict)
     boot: str = ""  # the holder machine's boot id: with host, says "this machine, this boot"
+    pid_space: str = ""  # the holder's pid namespace: containers on one machine share the boot id
+    pid_start: str = ""  # the holder process's start time (clock ticks since boot): tells a reused pid
 
     def died_here(self) -> bool:
-        """True if the holder ran on this machine, in this boot, and its process is gone.
+        """True if the holder ran on this machine, in this boot and pid namespace, and its process is gone.
 
         A driver killed outright (``kill -9``, an OOM kill) cannot release its
         lease; a rerun on the same machine (the head node, for submitted jobs) need
-        not wait out the ttl for it. A reused pid only makes us wait (the safe way).
+        not wait out the ttl for it. Anything unknown answers False (wait for the ttl).
         """
-        if not self.boot or self.host != socket.gethostname() or self.boot != machine_boot_id():
+        if not (self.boot and self.pid_space and self.pid_start) or self.pid == os.getpid():
             return False
-        if self.pid == os.getpid():
+        if (self.host, self.boot, self.pid_space) != (socket.gethostname(), machine_boot_id(), pid_space()):
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False  # alive, another user's
-        return False
+        started = process_start(self.pid)
+        return started is None or (started != "" and started != self.pid_start)  # gone, or the pid reused
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
@@ -128,7 +146,8 @@ class LeaseRecord:
             return cls(run_id=str(raw["run_id"]), host=str(raw["host"]), pid=int(raw["pid"]),
                        started=float(raw["started"]), heartbeat=float(raw["heartbeat"]),
                        ttl_s=float(raw["ttl_s"]), token=str(raw["token"]), info=dict(raw.get("info") or {}),
-                       boot=str(raw.get("boot") or ""))
+                       boot=str(raw.get("boot") or ""), pid_space=str(raw.get("pid_space") or ""),
+                       pid_start=str(raw.get("pid_start") or ""))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -518,7 +537,8 @@ class Lease:
         now = time.time()
         record = LeaseRecord(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), started=now,
                              heartbeat=now, ttl_s=float(ttl_s), token=uuid.uuid4().hex, info=dict(info or {}),
-                             boot=machine_boot_id())
+                             boot=machine_boot_id(), pid_space=pid_space(),
+                             pid_start=process_start(os.getpid()) or "")
         data = record.to_bytes()
         seen = None
         for _ in range(5):  # each round ends in success, refusal, or a lost race

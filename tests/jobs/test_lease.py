@@ -204,9 +204,22 @@ def test_a_lease_whose_holder_was_killed_on_this_machine_is_taken_over_at_once(t
     assert any(f"its process {holder.pid} on this machine is gone" in r.getMessage() for r in caplog.records)
     rerun.release()
 
-    # The same dead pid written by another machine (another boot id) proves nothing: wait for the ttl.
-    record = json.loads(Lease.acquire(folder, "other-machine").record.to_bytes())
-    record.update(pid=holder.pid, boot="another-boot", heartbeat=time.time())
-    (tmp_path / "out" / LEASE).write_text(json.dumps(record))
-    with pytest.raises(LeaseHeld, match="'other-machine'"):
-        Lease.acquire(folder, "rerun")
+    # The same dead pid written by another machine (boot id), or by another container on this one (pid
+    # namespace), proves nothing: wait for the ttl.
+    record = json.loads(Lease.acquire(folder, "elsewhere").record.to_bytes())
+    for elsewhere in ({"boot": "another-boot"}, {"pid_space": "4026531999"}):
+        (tmp_path / "out" / LEASE).write_text(json.dumps({**record, "pid": holder.pid, **elsewhere}))
+        with pytest.raises(LeaseHeld, match="'elsewhere'"):
+            Lease.acquire(folder, "rerun")
+    # A live process here under the holder's pid but started at another time: the pid was reused, the holder is gone.
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out" / LEASE).write_text(json.dumps({**record, "pid": alive.pid, "pid_start": "1"}))
+        Lease.acquire(folder, "rerun").release()
+        (tmp_path / "out" / LEASE).write_text(json.dumps({**record, "pid": alive.pid,
+                                                           "pid_start": lease_module.process_start(alive.pid)}))
+        with pytest.raises(LeaseHeld, match="'elsewhere'"):  # the holder itself, alive
+            Lease.acquire(folder, "rerun")
+    finally:
+        alive.kill()
+        alive.wait()

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,13 +79,18 @@ class LocalCluster:
         environment.pop("RAY_ADDRESS", None)
         self.env = environment
         self.dashboard_port = free_port()
+        # A temp dir of its own: Ray's Jobs server finds its cluster through the
+        # "current cluster" file in its temp dir, so two clusters sharing /tmp/ray
+        # would send each other's submitted drivers to whichever started last.
+        self.temp_dir = tempfile.mkdtemp(prefix="fj-ray-")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "jobs.local_cluster"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=environment, text=True, bufsize=1)
         self._timeout = start_timeout_s
         try:
             started = self._call({"op": "start", "head_cpus": head_cpus, "head_labels": head_labels or {},
-                                  "dashboard_port": self.dashboard_port, "workers": workers})
+                                  "dashboard_port": self.dashboard_port, "workers": workers,
+                                  "temp_dir": self.temp_dir})
         except BaseException:
             self.close()
             raise
@@ -130,6 +137,7 @@ class LocalCluster:
             except (OSError, subprocess.TimeoutExpired):
                 self._process.kill()  # the Node reapers end the Ray processes when it dies
                 self._process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -148,27 +156,22 @@ def _node_args(options: dict[str, Any]) -> dict[str, Any]:
             "metrics_agent_port": free_port(), "dashboard_agent_listen_port": free_port()}
 
 
-class _AddressFile:
-    """Ray's "current cluster" file (``ray.init()`` without an address joins what it names).
+def _address_file_in(temp_dir: str) -> None:
+    """Keep Ray's "current cluster" file of this cluster in its own temp dir.
 
-    ``Cluster`` writes it for its head and deletes it at shutdown: put back what
-    was there, so that a developer's own Ray on this machine stays the one found.
+    ``Cluster`` writes the file in the default temp dir (/tmp/ray), where a plain
+    ``ray.init()`` on this machine would find it and join this cluster, and
+    deletes it at shutdown whoever it names. Ray's Jobs server resolves its
+    drivers' address through the file in the node's temp dir: so this cluster's
+    file goes there, and /tmp/ray's is left alone. (Patched in this controller
+    process only.)
     """
+    import ray._common.utils as common_utils
+    import ray._private.utils as private_utils
 
-    def __init__(self) -> None:
-        from ray._common.utils import get_ray_address_file
-
-        self.path = Path(get_ray_address_file(None))
-        self.saved = self.path.read_text() if self.path.is_file() else None
-
-    def restore(self) -> None:
-        try:
-            if self.saved is None:
-                self.path.unlink(missing_ok=True)
-            else:
-                self.path.write_text(self.saved)
-        except OSError:
-            pass
+    write, reset = private_utils.write_ray_address, common_utils.reset_ray_address
+    private_utils.write_ray_address = lambda address, _=None: write(address, temp_dir)
+    common_utils.reset_ray_address = lambda _=None: reset(temp_dir)
 
 
 def _serve() -> None:
@@ -180,7 +183,7 @@ def _serve() -> None:
     from ray.cluster_utils import Cluster
 
     cluster = None
-    address_file = _AddressFile()
+    temp_dir = None
     workers: dict[int, Any] = {}
     options: list[dict[str, Any]] = []
 
@@ -195,21 +198,22 @@ def _serve() -> None:
         op = request["op"]
         try:
             if op == "start":
+                temp_dir = request["temp_dir"]
+                _address_file_in(temp_dir)
                 cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
                     **_node_args({"num_cpus": request["head_cpus"], "labels": request["head_labels"]}),
                     "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                    "dashboard_port": request["dashboard_port"]})
-                address_file.restore()
+                    "dashboard_port": request["dashboard_port"], "temp_dir": temp_dir})
                 options = request["workers"]
                 for index, node_options in enumerate(options):
-                    workers[index] = cluster.add_node(**_node_args(node_options))
+                    workers[index] = cluster.add_node(**_node_args(node_options), temp_dir=temp_dir)
                 cluster.wait_for_nodes()
                 answer = {"address": cluster.address, "session_dir": cluster.head_node.get_session_dir_path()}
             elif op == "stop_worker":
                 cluster.remove_node(workers.pop(request["index"]), allow_graceful=False)
                 answer = {}
             elif op == "start_worker":
-                workers[request["index"]] = cluster.add_node(**_node_args(options[request["index"]]))
+                workers[request["index"]] = cluster.add_node(**_node_args(options[request["index"]]), temp_dir=temp_dir)
                 answer = {}
             elif op == "pids":
                 answer = {"pids": alive_pids()}
@@ -222,7 +226,6 @@ def _serve() -> None:
         answers.write(json.dumps(answer) + "\n")
     if cluster is not None:
         cluster.shutdown()
-        address_file.restore()
     del ray
 
 

@@ -22,17 +22,14 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from facecore.face.dlib_models import mean_shape_68
-from facecore.face.landmarks import symmetrised
 from facecore.face.reference import ReferenceFace
+from facecore.rig import geometry
 from facecore.rig.classes import CLASS_INDEX as C
 from facecore.rig.schema import RigSchema, SchemaError, default_schema
 
-# Canonical face units: landmark box centred at 0, jaw-to-jaw half width 1.
-# Projection matches mean_face_reference(): landmarks span FACE_WIDTH of the
-# frame, their box centred at CENTRE_Y.
-FACE_WIDTH = 0.58
-CENTRE_Y = 0.56
+# The continuous parameters the geometry reads (styles and colours do not move landmarks).
+_GEOMETRY_NAMES = tuple(name for name in default_schema().continuous_names
+                        if name not in geometry.POSE_NAMES)
 SUBPIXEL_BITS = 4  # cv2 drawing with 1/16-pixel vertex precision
 _SCALE = float(1 << SUBPIXEL_BITS)
 
@@ -59,48 +56,6 @@ class RigRender:
     image: np.ndarray
     mask: np.ndarray
     landmarks: np.ndarray
-
-
-@functools.cache
-def _template() -> np.ndarray:
-    """(68, 3) canonical neutral face: dlib's mean shape with a plausible depth."""
-    shape = symmetrised(mean_shape_68())
-    low, high = shape.min(axis=0), shape.max(axis=0)
-    half_width = (high[0] - low[0]) / 2.0
-    xy = (shape - (low + high) / 2.0) / half_width
-    x, y = xy[:, 0], xy[:, 1]
-    surface = 0.8 * np.sqrt(np.clip(1.0 - x**2 - 0.25 * y**2, 0.0, None))
-    z = surface.copy()
-    z[0:17] = 0.6 * surface[0:17]  # the jaw line is the silhouette
-    z[27:31] += [0.12, 0.2, 0.3, 0.4]  # nose bridge to tip
-    z[31:36] += [0.15, 0.22, 0.28, 0.22, 0.15]
-    z[36:48] -= 0.03
-    z[48:60] += 0.05
-    return np.stack([x, y, z], axis=1)
-
-
-def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    cy, sy = math.cos(yaw), math.sin(yaw)
-    cp, sp = math.cos(pitch), math.sin(pitch)
-    cr, sr = math.cos(roll), math.sin(roll)
-    r_yaw = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    r_pitch = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    r_roll = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-    return r_roll @ r_yaw @ r_pitch
-
-
-def _scale_about(points: np.ndarray, factor_x: float, factor_y: float) -> None:
-    centre = points[:, :2].mean(axis=0)
-    points[:, 0] = centre[0] + (points[:, 0] - centre[0]) * factor_x
-    points[:, 1] = centre[1] + (points[:, 1] - centre[1]) * factor_y
-
-
-def _rotate_about(points: np.ndarray, angle: float) -> None:
-    centre = points[:, :2].mean(axis=0)
-    c, s = math.cos(angle), math.sin(angle)
-    offset = points[:, :2] - centre
-    points[:, 0] = centre[0] + c * offset[:, 0] - s * offset[:, 1]
-    points[:, 1] = centre[1] + s * offset[:, 0] + c * offset[:, 1]
 
 
 def _arc(x_half: float, y_side: float, y_top: float, depth: float, count: int = 13,
@@ -159,111 +114,13 @@ def reference_face(size: int = 256) -> ReferenceFace:
 
 
 def _shape(v: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Deform the template by identity and expression parameters (canonical 3-D)."""
+    """The canonical 3-D points (``geometry.shape_3d``, one face) and what is not a landmark."""
 
     def d(name: str) -> float:  # identity: -1 .. 1, 0 at neutral
         return 2.0 * (float(v[name]) - 0.5)
 
-    def a(name: str) -> float:  # action unit: 0 .. 1
-        return float(v[name])
-
-    p = _template().copy()
-    jaw, brow_r, brow_l = p[0:17], p[17:22], p[22:27]
-    eye_r, eye_l, nose, mouth = p[36:42], p[42:48], p[27:36], p[48:68]
-    chin_weight = np.clip((p[0:17, 1] - p[0, 1]) / (p[8, 1] - p[0, 1]), 0.0, 1.0) ** 2
-    side = np.sign(p[:, 0])
-
-    # 1. identity: face outline
-    jaw[:, 0] *= 1.0 + 0.10 * d("face_width")
-    jaw[:, 1] += 0.14 * d("face_length") * chin_weight
-    lower = np.array([0, 0, 0, .5, 1, 1, .7, .3, 0, .3, .7, 1, 1, .5, 0, 0, 0])
-    jaw[:, 0] *= 1.0 + 0.12 * d("jaw_width") * lower
-    jaw[[2, 3, 4, 12, 13, 14], 1] += 0.10 * d("jaw_angle_height")
-    jaw[6:11, 0] *= 1.0 + 0.35 * d("chin_width")
-    jaw[6:11, 1] += 0.08 * d("chin_length") * np.array([.4, .8, 1, .8, .4])
-    jaw[8, 1] += 0.06 * d("chin_pointiness")
-    jaw[[7, 9], 1] -= 0.02 * d("chin_pointiness")
-    jaw[[1, 2, 3, 4, 12, 13, 14, 15], 0] *= 1.0 + 0.10 * d("cheek_width")
-    jaw[[0, 1, 2, 14, 15, 16], 1] += 0.12 * d("cheekbone_height")
-    # brows
-    for brow, sign in ((brow_r, -1.0), (brow_l, 1.0)):
-        brow[:, 1] -= 0.08 * d("brow_height")
-        brow[:, 0] += sign * 0.06 * d("brow_spacing")
-        _rotate_about(brow, -sign * math.radians(10.0) * d("brow_tilt"))
-        _scale_about(brow, 1.0 + 0.25 * d("brow_length"), 1.0)
-        brow[:, 1] -= 0.05 * d("brow_arch") * np.array([0.0, 0.5, 1.0, 0.5, 0.0])[:: int(sign)]
-    # eyes
-    for eye, sign in ((eye_r, -1.0), (eye_l, 1.0)):
-        eye[:, 1] -= 0.07 * d("eye_height")
-        eye[:, 0] += sign * 0.05 * d("eye_spacing")
-        _scale_about(eye, 1.0 + 0.2 * d("eye_size"), (1.0 + 0.2 * d("eye_size")) * (1.0 + 0.4 * d("eye_openness")))
-        _rotate_about(eye, -sign * math.radians(10.0) * d("eye_tilt"))
-        eye[[1, 2], 1] -= 0.03 * d("eye_roundness")
-        eye[[4, 5], 1] += 0.015 * d("eye_roundness")
-    # nose
-    nose[1:, 1] += 0.08 * d("nose_length") * np.array([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])
-    centre_x = nose[6, 0]
-    nose[4:9, 0] = centre_x + (nose[4:9, 0] - centre_x) * (1.0 + 0.3 * d("nose_width"))
-    nose[[4, 8], 0] += np.array([-1.0, 1.0]) * 0.04 * d("nostril_flare")
-    nose[[4, 8], 1] -= 0.02 * d("nostril_flare")
-    nose[[3, 6], 1] -= np.array([0.08, 0.05]) * d("nose_tip_lift")
-    nose[:, 0] += 0.05 * d("nose_shift")
-    # mouth
-    mouth[:, 1] += 0.07 * d("mouth_height")
-    _scale_about(mouth, 1.0 + 0.2 * d("mouth_width"), 1.0)
-    mouth[[0, 6, 12, 16], 1] -= 0.05 * d("mouth_corner_height")
-    _rotate_about(mouth, math.radians(8.0) * d("mouth_tilt"))
-    mouth[1:6, 1] -= 0.05 * d("upper_lip_thickness")
-    mouth[7:12, 1] += 0.05 * d("lower_lip_thickness")
-    mouth[[2, 4], 1] -= 0.04 * d("cupid_bow")
-    mouth[3, 1] += 0.02 * d("cupid_bow")
-
-    # 2. expression: action units
-    for eye, amount in ((eye_r, a("eye_close_right")), (eye_l, a("eye_close_left"))):
-        eye[1, 1] += (eye[5, 1] - eye[1, 1]) * 0.95 * amount
-        eye[2, 1] += (eye[4, 1] - eye[2, 1]) * 0.95 * amount
-    for eye in (eye_r, eye_l):
-        eye[[1, 2], 1] -= 0.035 * a("upper_lid_raise")
-        eye[[0, 3], 1] -= 0.008 * a("upper_lid_raise")
-        eye[[4, 5], 1] -= 0.025 * a("lid_tighten")
-        eye[[1, 2], 1] += 0.01 * a("lid_tighten")
-    inner = np.array([0.0, 0.0, 0.3, 0.7, 1.0])
-    outer = np.array([1.0, 0.6, 0.2, 0.0, 0.0])
-    for brow, order in ((brow_r, slice(None)), (brow_l, slice(None, None, -1))):
-        brow[:, 1] -= 0.09 * a("inner_brow_raise") * inner[order]
-        brow[:, 1] -= 0.09 * a("outer_brow_raise") * outer[order]
-        brow[:, 1] += 0.06 * a("brow_lower")
-    brow_r[:, 0] += 0.03 * a("brow_lower") * inner
-    brow_l[:, 0] -= 0.03 * a("brow_lower") * inner[::-1]
-    nose[4:9, 1] -= 0.03 * a("nose_wrinkle")
-    nose[[4, 8], 0] += np.array([-1.0, 1.0]) * 0.02 * a("nose_wrinkle")
-    mouth[1:6, 1] -= 0.05 * a("upper_lip_raise")
-    mouth[13:16, 1] -= 0.04 * a("upper_lip_raise")
-    mouth[7:12, 1] += 0.05 * a("lower_lip_depress")
-    mouth[17:20, 1] += 0.04 * a("lower_lip_depress")
-    opening = a("mouth_open")
-    mouth[7:12, 1] += 0.25 * opening * np.array([0.6, 0.9, 1.0, 0.9, 0.6])
-    mouth[17:20, 1] += 0.25 * opening * np.array([0.9, 1.0, 0.9])
-    mouth[[0, 6, 12, 16], 1] += 0.06 * opening
-    jaw[:, 1] += 0.12 * opening * chin_weight
-    corners = [0, 6, 12, 16]
-    corner_side = side[48:68][corners]
-    mouth[corners, 0] += corner_side * (0.07 * a("smile") + 0.10 * a("lip_stretch"))
-    mouth[corners, 1] -= 0.07 * a("smile")
-    mouth[[1, 5, 7, 11], 1] -= 0.03 * a("smile")
-    mouth[corners, 1] += 0.01 * a("lip_stretch") + 0.07 * a("lip_corner_depress")
-    _scale_about(mouth, 1.0 - 0.35 * a("pucker"), 1.0)
-    mouth[1:6, 1] -= 0.015 * a("pucker")
-    mouth[7:12, 1] += 0.015 * a("pucker")
-    mouth[1:6, 1] += 0.02 * a("lip_press")
-    mouth[7:12, 1] -= 0.02 * a("lip_press")
-    jaw[:, 0] *= 1.0 + 0.08 * a("cheek_puff") * np.array(
-        [0, .2, .6, 1, 1, .8, .4, 0, 0, 0, .4, .8, 1, 1, .6, .2, 0])
-    jaw_shift = 0.10 * (a("jaw_left") - a("jaw_right"))
-    jaw[:, 0] += jaw_shift * lower
-    mouth[7:12, 0] += 0.4 * jaw_shift
-    mouth[17:20, 0] += 0.4 * jaw_shift
-    mouth[:, 0] += 0.06 * (a("mouth_left") - a("mouth_right"))
+    p = geometry.shape_3d({name: np.array([float(v[name])]) for name in _GEOMETRY_NAMES})[0]
+    jaw = p[0:17]
 
     # 3. what is not a landmark: hairline, skull, ears
     y_side = float((jaw[0, 1] + jaw[16, 1]) / 2.0)
@@ -353,15 +210,14 @@ def _unit_circle() -> np.ndarray:
 def _draw(v: Mapping[str, Any], size: int) -> RigRender:
     points, extra = _shape(v)
     colours = _colours(v)
-    yaw = math.radians(70.0) * (float(v["yaw"]) - 0.5)
-    pitch = math.radians(50.0) * (float(v["pitch"]) - 0.5)
-    roll = math.radians(50.0) * (float(v["roll"]) - 0.5)
-    rotation = _rotation(yaw, pitch, roll)
-    unit = FACE_WIDTH * size / 2.0 * (1.0 + 0.24 * (float(v["head_size"]) - 0.5))
-    origin = np.array([size / 2.0, CENTRE_Y * size])
+    yaw = math.radians(geometry.YAW_DEGREES) * (float(v["yaw"]) - 0.5)
+    pitch = math.radians(geometry.PITCH_DEGREES) * (float(v["pitch"]) - 0.5)
+    roll = math.radians(geometry.ROLL_DEGREES) * (float(v["roll"]) - 0.5)
+    rotation, units, origin = geometry.pose({name: np.array([float(v[name])]) for name in geometry.POSE_NAMES}, size)
+    unit = float(units[0])
 
     def project(p3: np.ndarray) -> np.ndarray:
-        return (p3 @ rotation.T)[:, :2] * unit + origin
+        return geometry.project(p3[None], rotation, units, origin)[0]
 
     lm = project(points)
     canvas = _Canvas(size, colours["background"])

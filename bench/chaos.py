@@ -36,33 +36,9 @@ import pandas as pd
 
 from jobs.local_cluster import LocalCluster, wait_for
 from jobs.manifest import write_manifest
-from jobs.samples import photo_copies, sample_photos
+from jobs.samples import photo_copies, sample_photos, tiny_pinch_models
 
 GPU_NODE = {"num_cpus": 2, "num_gpus": 1, "labels": {"facejobs-pool": "gpu"}}
-
-
-def tiny_models(folder: Path) -> dict[str, str]:
-    import torch
-
-    from facecore import weights
-    from facecore.models.imitator import Imitator, ImitatorConfig
-    from facecore.models.parsing import FaceParser, ParsingConfig
-    from facecore.rig import default_schema
-
-    torch.manual_seed(0)
-    weights.save_model(Imitator(ImitatorConfig(param_dim=default_schema().vector_size, image_size=32,
-                                               base_channels=8)), str(folder / "imitator"))
-    weights.save_model(FaceParser(ParsingConfig(base_channels=8, stages=3)), str(folder / "parser"))
-    return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
-
-
-def model_actor_pids(cluster: LocalCluster) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True,
-                         limit=1000, raise_on_missing_output=False)
-    return [actor.pid for actor in actors
-            if "MapWorker" in actor.class_name and (actor.required_resources or {}).get("GPU") and actor.pid]
 
 
 def run_job(cluster: LocalCluster, spec: Path, kills: list[float] | None = None,
@@ -78,7 +54,7 @@ def run_job(cluster: LocalCluster, spec: Path, kills: list[float] | None = None,
     killed: list[int] = []
     for at in kills or []:
         time.sleep(max(0.0, at - (time.monotonic() - begun)))
-        pids = wait_for(lambda: [pid for pid in model_actor_pids(cluster) if pid not in killed], 120,
+        pids = wait_for(lambda: [pid for pid in cluster.model_actor_pids() if pid not in killed], 120,
                         "a live model actor")
         victim = rng.choice(pids)
         os.kill(victim, signal.SIGKILL)
@@ -111,7 +87,7 @@ def main() -> None:
         paths = photo_copies(sample_photos(), scratch / "in", args.images)
         keys = [path.name for path in paths]
         write_manifest([str(path) for path in paths], str(scratch / "m.parquet"), keys=keys)
-        models = {} if args.shipped_models else {"models": tiny_models(scratch)}
+        models = {} if args.shipped_models else {"models": tiny_pinch_models(scratch)}
         options = {"size": 64, "render_size": 64} if args.shipped_models else {"max_iterations": 10, "size": 64,
                                                                                "render_size": 64}
 

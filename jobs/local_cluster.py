@@ -67,12 +67,15 @@ class LocalCluster:
     def __init__(self, workers: list[dict[str, Any]], *, head_cpus: int = 2,
                  head_labels: dict[str, str] | None = None, env: dict[str, str] | None = None,
                  start_timeout_s: float = 120) -> None:
-        environment = dict(os.environ)
+        # Auth as the caller says, off otherwise: not inherited (a ray.init() earlier in this
+        # process turns token auth on in os.environ for the Ray it started).
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        environment["RAY_AUTH_MODE"] = "disabled"
         environment.update(env or {})
         environment["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         bin_dir = str(Path(sys.executable).parent)
         environment["PATH"] = bin_dir + os.pathsep + environment.get("PATH", "")
-        environment.setdefault("RAY_AUTH_MODE", "disabled")
         environment["RAY_USAGE_STATS_ENABLED"] = "0"  # a test cluster reports nothing to anyone
         # The dashboard's own metrics port is fixed by default (44227): another Ray would hold it.
         environment["DASHBOARD_METRIC_PORT"] = str(free_port())
@@ -123,6 +126,15 @@ class LocalCluster:
     def controller_pid(self) -> int:
         """The controller's PID: every process of the cluster descends from it."""
         return self._process.pid
+
+    def model_actor_pids(self) -> list[int]:
+        """PIDs of the live actors of Ray Data pools that hold GPUs (the model pools)."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True,
+                             limit=1000, raise_on_missing_output=False)
+        return [actor.pid for actor in actors
+                if "MapWorker" in actor.class_name and (actor.required_resources or {}).get("GPU") and actor.pid]
 
     def pids(self) -> list[int]:
         """PIDs of every Ray process the controller started and that is alive."""

@@ -199,6 +199,23 @@ def write_corpus(folder: Path, corpus: dict[str, tuple[bytes | None, str]]) -> l
     return paths
 
 
+def tiny_pinch_models(folder: Path) -> dict[str, str]:
+    """Small untrained imitator and parser saved under ``folder``: for tests and benches of a job's
+    mechanics (placement, faults, exactly-once), not of its quality. Seeded: the same every time."""
+    import torch
+
+    from facecore import weights
+    from facecore.models.imitator import Imitator, ImitatorConfig
+    from facecore.models.parsing import FaceParser, ParsingConfig
+    from facecore.rig import default_schema
+
+    torch.manual_seed(0)
+    weights.save_model(Imitator(ImitatorConfig(param_dim=default_schema().vector_size, image_size=32,
+                                               base_channels=8)), str(folder / "imitator"))
+    weights.save_model(FaceParser(ParsingConfig(base_channels=8, stages=3)), str(folder / "parser"))
+    return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
+
+
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
 
 

@@ -116,11 +116,8 @@ def connect(address: str | None):
     url = api_address(address)
     saved = {name: os.environ.pop(name) for name in _ADDRESS_VARIABLES if name in os.environ}
     try:
-        return JobSubmissionClient(url)
-    except ConnectionError as exc:
-        raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {exc}") from None
-    except Exception as exc:  # Ray raises RuntimeError/AuthenticationError with its own message
-        raise SubmitError(f"{url}: {type(exc).__name__}: {exc}") from None
+        with _client_errors(url):
+            return JobSubmissionClient(url)
     finally:
         os.environ.update(saved)
 
@@ -134,13 +131,17 @@ def _ours(details) -> bool:
     return bool(details.submission_id) and (details.metadata or {}).get(METADATA_FLAG) == "1"
 
 
-def submissions(client, output: str | None = None) -> list:
-    """facejobs submissions, oldest first (optionally those of one output hash)."""
-    with _client_errors(client.get_address()):
-        jobs = client.list_jobs()
+def _of_output(jobs: list, output: str | None) -> list:
+    """The facejobs submissions among ``jobs``, oldest first (optionally those of one output hash)."""
     found = [job for job in jobs if _ours(job)
              and (output is None or job.metadata.get("facejobs.output_hash") == output)]
     return sorted(found, key=lambda job: (job.start_time or 0, job.submission_id))
+
+
+def submissions(client, output: str | None = None) -> list:
+    """facejobs submissions on the cluster, oldest first (optionally those of one output hash)."""
+    with _client_errors(client.get_address()):
+        return _of_output(client.list_jobs(), output)
 
 
 def _sequence(submission_id: str) -> int:
@@ -195,10 +196,9 @@ def submit(spec_path: str | Path, address: str | None = None, *, run_args: tuple
     prefix = f"facejobs-{output_hash(spec)}"
     with _client_errors(url):
         jobs = client.list_jobs()
-    running = [job for job in jobs if _ours(job) and job.status in ACTIVE
-               and job.metadata.get("facejobs.output_hash") == output_hash(spec)]
+    running = [job for job in _of_output(jobs, output_hash(spec)) if job.status in ACTIVE]
     if running:
-        return Submitted(sorted(running, key=lambda job: job.start_time or 0)[-1].submission_id, started=False)
+        return Submitted(running[-1].submission_id, started=False)
     # Numbered after every id with the prefix, whoever made it: ids are never reused.
     taken = [_sequence(job.submission_id) for job in jobs if (job.submission_id or "").startswith(prefix + "-")]
     sequence = max(taken, default=0) + 1
@@ -239,13 +239,11 @@ def resolve(client, target: str, address: str) -> str:
 
 
 def _details(client, submission_id: str):
-    try:
-        return client.get_job_info(submission_id)
-    except RuntimeError as exc:
-        raise SubmitError(f"no submission {submission_id!r} on this cluster ({exc})") from None
-    except Exception as exc:
-        with _client_errors(client.get_address()):
-            raise exc
+    with _client_errors(client.get_address()):
+        try:
+            return client.get_job_info(submission_id)
+        except RuntimeError as exc:  # the Jobs API's answer for an unknown id
+            raise SubmitError(f"no submission {submission_id!r} on this cluster ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,12 @@ def shape_3d(v: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor | np.nd
     return face.p
 
 
+def pose_angles(v: Mapping):
+    """(yaw, pitch, roll) in radians from the pose parameters (0.5 is frontal)."""
+    return (math.radians(YAW_DEGREES) * (v["yaw"] - 0.5), math.radians(PITCH_DEGREES) * (v["pitch"] - 0.5),
+            math.radians(ROLL_DEGREES) * (v["roll"] - 0.5))
+
+
 def pose(v: Mapping[str, torch.Tensor | np.ndarray], size: int):
     """(rotation (B, 3, 3), scale (B,), origin (2,)) of the orthographic camera at ``size`` pixels.
 
@@ -243,9 +249,7 @@ def pose(v: Mapping[str, torch.Tensor | np.ndarray], size: int):
     """
     is_torch = isinstance(v["yaw"], torch.Tensor)
     lib = torch if is_torch else np
-    yaw = math.radians(YAW_DEGREES) * (v["yaw"] - 0.5)
-    pitch = math.radians(PITCH_DEGREES) * (v["pitch"] - 0.5)
-    roll = math.radians(ROLL_DEGREES) * (v["roll"] - 0.5)
+    yaw, pitch, roll = pose_angles(v)
     one, zero = lib.ones_like(yaw), lib.zeros_like(yaw)
 
     def matrix(rows):

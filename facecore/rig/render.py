@@ -210,10 +210,9 @@ def _unit_circle() -> np.ndarray:
 def _draw(v: Mapping[str, Any], size: int) -> RigRender:
     points, extra = _shape(v)
     colours = _colours(v)
-    yaw = math.radians(geometry.YAW_DEGREES) * (float(v["yaw"]) - 0.5)
-    pitch = math.radians(geometry.PITCH_DEGREES) * (float(v["pitch"]) - 0.5)
-    roll = math.radians(geometry.ROLL_DEGREES) * (float(v["roll"]) - 0.5)
-    rotation, units, origin = geometry.pose({name: np.array([float(v[name])]) for name in geometry.POSE_NAMES}, size)
+    pose_values = {name: np.array([float(v[name])]) for name in geometry.POSE_NAMES}
+    yaw, pitch, roll = (float(angle[0]) for angle in geometry.pose_angles(pose_values))
+    rotation, units, origin = geometry.pose(pose_values, size)
     unit = float(units[0])
 
     def project(p3: np.ndarray) -> np.ndarray:

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from jobs.local_cluster import LocalCluster, free_port, wait_for  # noqa: F401 (tests import it from here)
 from jobs.manifest import write_manifest
 from jobs.output import SYSTEMIC_STATUSES
-from jobs.samples import photo_copies  # noqa: F401 (tests import it from here)
+from jobs.samples import photo_copies, tiny_pinch_models  # noqa: F401 (tests import photo_copies from here)
 
 CLUSTER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFACEJOBSCLUSTER7Q",
                        "AWS_SECRET_ACCESS_KEY": "facejobs-cluster-secret-4f9d2e61b0c8a7"}
@@ -41,17 +40,7 @@ def cluster():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Small untrained pinch models: these tests are about placement and faults, not quality."""
-    from facecore import weights
-    from facecore.models.imitator import Imitator, ImitatorConfig
-    from facecore.models.parsing import FaceParser, ParsingConfig
-    from facecore.rig import default_schema
-
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    weights.save_model(Imitator(ImitatorConfig(param_dim=default_schema().vector_size, image_size=32,
-                                               base_channels=8)), str(folder / "imitator"))
-    weights.save_model(FaceParser(ParsingConfig(base_channels=8, stages=3)), str(folder / "parser"))
-    return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
+    return tiny_pinch_models(tmp_path_factory.mktemp("models"))
 
 
 def manifest_of(paths: list[Path], manifest: Path) -> list[str]:

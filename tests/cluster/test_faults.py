@@ -60,15 +60,6 @@ def _final_state(cluster, submission: str, timeout: float = 600) -> str:
                         and state, timeout, f"{submission} to end"))
 
 
-def _model_actor_pids(cluster) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True,
-                         limit=1000, raise_on_missing_output=False)
-    return [actor.pid for actor in actors
-            if "MapWorker" in actor.class_name and (actor.required_resources or {}).get("GPU") and actor.pid]
-
-
 def test_three_model_actors_killed_during_a_job(cluster, photos, tiny_models, tmp_path):
     keys = manifest_of(photo_copies(photos, tmp_path / "in", 60), tmp_path / "m.parquet")
     submission = _submit(_pinch_spec(tmp_path, tiny_models), cluster)
@@ -76,7 +67,7 @@ def test_three_model_actors_killed_during_a_job(cluster, photos, tiny_models, tm
     rng = random.Random(11)
     killed: list[int] = []
     for _ in range(3):
-        pids = wait_for(lambda: [pid for pid in _model_actor_pids(cluster) if pid not in killed], 120,
+        pids = wait_for(lambda: [pid for pid in cluster.model_actor_pids() if pid not in killed], 120,
                         "a live model actor")
         time.sleep(rng.uniform(1.0, 4.0))  # at a random moment of its work
         assert client.get_job_status(submission) == "RUNNING" and len(committed_keys(tmp_path / "out")) < len(keys)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
-from facecore import weights
 from facecore.images import decode_png
-from facecore.models.imitator import Imitator, ImitatorConfig
-from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.rig import default_schema
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
-from jobs.samples import bad_input_corpus, write_corpus
+from jobs.samples import bad_input_corpus, tiny_pinch_models, write_corpus
 from jobs.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.ray
@@ -22,12 +18,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Small untrained models: this tests the job's mechanics, bench/pinch_quality.py its quality."""
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    weights.save_model(Imitator(ImitatorConfig(param_dim=default_schema().vector_size, image_size=32,
-                                               base_channels=8)), str(folder / "imitator"))
-    weights.save_model(FaceParser(ParsingConfig(base_channels=8, stages=3)), str(folder / "parser"))
-    return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
+    return tiny_pinch_models(tmp_path_factory.mktemp("models"))
 
 
 def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp_path):

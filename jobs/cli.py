@@ -132,7 +132,7 @@ def _format_status(state) -> str:
     if state.output:
         lines.append(f"  output    {state.output}")
     if state.rows_done is not None:
-        lines.append(f"  rows      {state.rows_done}/{state.rows_total}   {state.progress}")
+        lines.append(f"  rows      {state.progress}")  # "N/M rows (P%)  R rows/s  ETA ..." as the job printed it
     if state.output_rows is not None:
         lines.append(f"  finished  {state.output_rows} output rows in {state.parts} parts")
     return "\n".join(lines)

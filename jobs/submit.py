@@ -111,8 +111,15 @@ def _client_errors(address: str) -> Iterator[None]:
 
 def connect(address: str | None):
     """A ``JobSubmissionClient`` for ``address`` (the environment cannot redirect an explicit one)."""
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # not -v
+        # Ray's client logs every package upload and log-stream close at INFO, at a level set on import.
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                     "ray._private.runtime_env.packaging"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     url = api_address(address)
     saved = {name: os.environ.pop(name) for name in _ADDRESS_VARIABLES if name in os.environ}
     try:

@@ -51,8 +51,13 @@ def main() -> None:
         for (name, group, moved, changed), (_, _, moved64, changed64) in zip(results[128], results[64]):
             print(f"| {name} | {group} | {moved:.2f} | {changed:.3f} | {moved64:.2f} | {changed64:.3f} |")
     total = len(results[128])
+    marked = sorted(p.name for p in default_schema().continuous if not p.visible)
+    if marked != sorted(invisible[128]):
+        print(f"WARNING: the schema marks {marked} visible: false; measured invisible at 128 px: "
+              f"{sorted(invisible[128])}")
     print(f"RESULT visible_128={total - len(invisible[128])}/{total} visible_64={total - len(invisible[64])}/{total} "
-          f"invisible_128={','.join(invisible[128]) or '-'} invisible_64={','.join(invisible[64]) or '-'}")
+          f"invisible_128={','.join(invisible[128]) or '-'} invisible_64={','.join(invisible[64]) or '-'} "
+          f"schema_marks_agree={marked == sorted(invisible[128])}")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,16 @@ class ContinuousParam:
         group: identity | expression | pose | appearance.
         neutral: value in the reference face.
         region: what it moves (free text for user rigs; see default_rig.yaml).
+        visible: False when the renderer barely shows it at the sizes models work
+            at (see bench/rig_visibility.py): models still output it, quality
+            figures report it apart, and nobody should expect to recover it.
     """
 
     name: str
     group: str
     neutral: float = 0.5
     region: str = ""
+    visible: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,11 @@ class RigSchema:
         if group not in PARAM_GROUPS:
             raise SchemaError(f"group must be one of {PARAM_GROUPS}, got {group!r}")
         return np.array([i for i, p in enumerate(self.continuous) if p.group == group], dtype=np.int64)
+
+    @functools.cached_property
+    def visible_indices(self) -> np.ndarray:
+        """Positions of the continuous parameters not marked ``visible: false``."""
+        return np.array([i for i, p in enumerate(self.continuous) if p.visible], dtype=np.int64)
 
     @functools.cached_property
     def _index(self) -> dict[str, int]:
@@ -231,11 +240,17 @@ class RigSchema:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "continuous": [{"name": p.name, "group": p.group, "neutral": p.neutral, "region": p.region}
-                           for p in self.continuous],
+            "continuous": [{"name": p.name, "group": p.group, "neutral": p.neutral, "region": p.region,
+                            **({} if p.visible else {"visible": False})} for p in self.continuous],
             "discrete": [{"name": g.name, "choices": list(g.choices), "default": g.default} for g in self.discrete],
             "exclusive": [list(pair) for pair in self.exclusive],
         }
+
+
+def _flag(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {value!r}")
+    return value
 
 
 def schema_from_dict(data: Mapping[str, Any], source: str = "schema") -> RigSchema:
@@ -253,6 +268,7 @@ def schema_from_dict(data: Mapping[str, Any], source: str = "schema") -> RigSche
                 group=str(entry.get("group", "identity")),
                 neutral=float(entry.get("neutral", 0.5)),
                 region=str(entry.get("region", "")),
+                visible=_flag(entry.get("visible", True), "visible"),
             ))
         except (KeyError, TypeError, ValueError) as exc:
             raise SchemaError(f"{source}: continuous[{i}]: {exc!r}") from None

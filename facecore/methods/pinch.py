@@ -2,8 +2,11 @@
 
 ``min_x ||f(g(x)) - f(I)||_1  s.t. x in [0, 1]`` for a whole batch at once: every
 image has its own x, its own optimiser state and its own stop. Continuous
-parameters start at the reference face and are projected back into [0, 1] after
-each step; each discrete style group is a relaxed one-hot (a softmax over
+parameters start at the reference face, or where the regressor put them (the
+``start`` argument), and are projected back into [0, 1] after each step. An
+optional landmark term compares the rig's own landmarks of x (exact geometry,
+aligned like the photo) with the photo's, so shape and pose are pulled by
+geometry as well as by the imitator's pixels; each discrete style group is a relaxed one-hot (a softmax over
 learnable logits) during the search and snapped to its argmax at the end.
 
 Nothing couples the images of a batch (per-image loss sums, element-wise Adam,
@@ -46,8 +49,14 @@ class PinchConfig:
             distance of the continuous parameters from it) added to the loss:
             parameters the image says little about stay near neutral instead of
             drifting with the imitator's errors (0 = the seed's plain loss).
-        hold: continuous parameters kept at their reference values (e.g. the pose,
-            when the imitator was trained on frontal renders only).
+        hold: continuous parameters kept at their start values.
+        landmark_weight: weight of the landmark term (mean distance between the
+            rig's landmarks of x, affine-aligned onto the reference face, and the
+            photo's aligned landmarks, over the reference's eye distance); used
+            when landmarks are passed (0 = off).
+        frontal_imitator: the imitator learned frontal renders only: it is shown x
+            with the pose at the reference, and only the landmark term and the
+            prior move the pose.
     """
 
     max_iterations: int = 100
@@ -61,6 +70,8 @@ class PinchConfig:
     try_styles: bool = True
     prior_weight: float = 0.0
     hold: tuple[str, ...] = ()
+    landmark_weight: float = 0.0
+    frontal_imitator: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,7 +81,7 @@ class PinchResult:
     Attributes:
         params: (B, D) float32 flat rig vectors, one-hots snapped.
         values: named parameters per image (``RigSchema.decode``).
-        loss_start: (B,) loss at the reference face.
+        loss_start: (B,) loss at the start (the reference face or the given start).
         loss_end: (B,) loss of the snapped result.
         iterations: (B,) steps taken.
     """
@@ -114,7 +125,8 @@ class _Parameters(nn.Module):
 
 
 def pinch(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema: RigSchema,
-          config: PinchConfig = PinchConfig()) -> PinchResult:
+          config: PinchConfig = PinchConfig(), start: torch.Tensor | None = None,
+          landmarks: torch.Tensor | None = None) -> PinchResult:
     """Find rig parameters whose imitated render has the targets' parsing features.
 
     Args:
@@ -123,9 +135,18 @@ def pinch(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema:
         targets: (B, 3, S, S) photos in [0, 1], aligned to the rig's reference face.
         schema: the rig (layout of the flat vector).
         config: optimiser and stopping rule.
+        start: (B, D) flat vectors to start from (one-hots snapped), e.g. the
+            regressor's; None: the reference face.
+        landmarks: (B, 68, 2) the targets' landmarks in their frame (pixels at
+            side S), for the landmark term.
     """
     if targets.ndim != 4 or targets.shape[1] != 3:
         raise ValueError(f"expected targets of shape (B, 3, S, S), got {tuple(targets.shape)}")
+    if start is not None and start.shape != (targets.shape[0], schema.vector_size):
+        raise ValueError(f"expected start of shape ({targets.shape[0]}, {schema.vector_size}), "
+                         f"got {tuple(start.shape)}")
+    if landmarks is not None and landmarks.shape != (targets.shape[0], 68, 2):
+        raise ValueError(f"expected landmarks of shape ({targets.shape[0]}, 68, 2), got {tuple(landmarks.shape)}")
     imitator.eval()
     parser.eval()
     # Gradients are for x only; the models' own flags are restored afterwards.
@@ -134,14 +155,17 @@ def pinch(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema:
     for weight in weights:
         weight.requires_grad_(False)
     try:
-        return _optimise(imitator, parser, targets, schema, config)
+        return _optimise(imitator, parser, targets, schema, config, start, landmarks)
     finally:
         for weight, flag in zip(weights, flags):
             weight.requires_grad_(flag)
 
 
 def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, schema: RigSchema,
-              config: PinchConfig) -> PinchResult:
+              config: PinchConfig, start: torch.Tensor | None, landmarks: torch.Tensor | None) -> PinchResult:
+    from facecore.losses import landmark_error
+    from facecore.rig import geometry, reference_face
+
     unknown = sorted(set(config.hold) - set(schema.continuous_names))
     if unknown:
         raise ValueError(f"hold: {unknown} are not continuous parameters of rig {schema.name}")
@@ -151,15 +175,29 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     with torch.no_grad():
         target_features = [t.detach() for t in parser.features(targets)]
     reference = torch.from_numpy(schema.reference_vector()).to(device=device, dtype=targets.dtype)
-    neutral = reference[: schema.continuous_size]  # where the prior pulls and held parameters stay
+    neutral = reference[: schema.continuous_size]  # where the prior pulls
+    pose = [schema.continuous_names.index(name) for name in geometry.POSE_NAMES if name in schema.continuous_names]
+    use_landmarks = landmarks is not None and config.landmark_weight > 0
+    if use_landmarks:
+        side = targets.shape[-1]
+        reference_points = torch.from_numpy(reference_face(side).landmarks).to(device=device, dtype=targets.dtype)
+        landmarks = landmarks.to(device=device, dtype=targets.dtype)
 
     def loss_of(vector: torch.Tensor) -> torch.Tensor:
-        loss = feature_loss(parser.features(imitator(vector)), target_features)
+        shown = vector
+        if config.frontal_imitator and pose:
+            shown = vector.clone()
+            shown[:, pose] = reference[pose]
+        loss = feature_loss(parser.features(imitator(shown)), target_features)
         if config.prior_weight > 0:
             loss = loss + config.prior_weight * (vector[:, : schema.continuous_size] - neutral).abs().mean(dim=1)
+        if use_landmarks:
+            points = geometry.landmarks(geometry.values_from_vector(vector, schema), side)
+            loss = loss + config.landmark_weight * landmark_error(points, landmarks, reference_points)
         return loss
 
-    start = reference.repeat(batch, 1)
+    start = reference.repeat(batch, 1) if start is None else start.to(device=device, dtype=targets.dtype).clone()
+    fixed = start[:, held].clone()  # held parameters stay where they start
     with torch.no_grad():
         loss_start = loss_of(start)
         if config.try_styles:
@@ -184,7 +222,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
         optimiser.step()
         with torch.no_grad():
             variables.continuous.clamp_(0.0, 1.0)  # the projection onto [0, 1]
-            variables.continuous[:, held] = neutral[held]
+            variables.continuous[:, held] = fixed
             for parameter, before in zip(variables.parameters(), frozen):
                 parameter[~active] = before[~active]  # finished images stay put
             iterations += active.long()

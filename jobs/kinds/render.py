@@ -26,6 +26,11 @@ class RenderOptions(StrictModel):
     seed: int = Field(0, ge=0)  # sampling seed: row i is drawn from (seed, i)
     rig: str | None = None  # rig schema YAML; default: the built-in rig
     fixed: dict[str, float | str] = Field(default_factory=dict)  # hold parameters at a value
+    # "affine68": each render (image, mask, landmarks) is warped onto the rig's
+    # reference face by a 68-point affine fit on its own landmarks, as photos are
+    # aligned for pinch and recognize: training data that looks like their inputs
+    # at every pose.
+    align: Literal["none", "affine68"] = "none"
 
     @field_validator("rig")
     @classmethod
@@ -105,6 +110,23 @@ class RenderStage:
         self.options = options
         self.schema = load_schema(options.rig) if options.rig else default_schema()
         self.renderer = Renderer(self.schema)
+        self._reference = None
+
+    def _aligned(self, image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray):
+        import cv2
+
+        from facecore.face import transform
+        from facecore.face.detector import alignment_matrix
+        from facecore.rig import reference_face
+
+        if self._reference is None:
+            self._reference = reference_face(self.options.size)
+        size = self.options.size
+        matrix = alignment_matrix(landmarks, self._reference, "affine68")
+        # The rig's background is flat: replicating its edge fills what the warp uncovers.
+        image = transform.warp(image, matrix, size, border=cv2.BORDER_REPLICATE)
+        mask = cv2.warpAffine(mask, matrix, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+        return image, mask, transform.apply(matrix, landmarks)
 
     def params_for(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.options.seed, index])
@@ -122,6 +144,9 @@ class RenderStage:
             vector = np.asarray(given, np.float32) if given is not None else self.params_for(int(cols["index"][i]))
             try:
                 render = self.renderer.render(vector, self.options.size)
+                image, mask, landmarks = render.image, render.mask, render.landmarks
+                if self.options.align == "affine68":
+                    image, mask, landmarks = self._aligned(image, mask, landmarks)
             except Exception as exc:  # a parameter set the renderer cannot draw
                 rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
                              "params": vector.tolist()})
@@ -131,9 +156,9 @@ class RenderStage:
                 "status": OK,
                 "error": None,
                 "params": vector.tolist(),
-                "image": encode_png(render.image),
-                "mask": encode_png(render.mask),
-                "landmarks": render.landmarks.ravel().tolist(),
+                "image": encode_png(image),
+                "mask": encode_png(mask),
+                "landmarks": np.asarray(landmarks).ravel().tolist(),
                 "size": self.options.size,
             })
         return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)

@@ -35,6 +35,7 @@ from jobs.storage import fsspec_options, locate
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+BEST_DIR = "best"  # the regressor's checkpoint with the best validation figure
 RUNS_DIR = "runs"
 
 
@@ -146,6 +147,130 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
+def _render_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Aligned render rows → regressor tensors: image, landmarks (scaled to ``size``), params."""
+    from facecore.images import decode_png
+
+    images, points = [], []
+    for data, flat in zip(raw["image"], raw["landmarks"]):
+        image = decode_png(data)
+        scale = size / image.shape[0]
+        if image.shape[0] != size:
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        images.append(image)
+        points.append(np.asarray(flat, np.float32).reshape(68, 2) * scale)
+    tensors = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(device),
+               "landmarks": torch.from_numpy(np.stack(points)).to(device)}
+    if "params" in raw:
+        tensors["params"] = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in raw["params"]])).to(device)
+    return tensors
+
+
+def _photo_tensors(shard, size: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Every aligned photo of an align output (a few thousand at most) as tensors, once per worker."""
+    rows = {"image": [], "landmarks": []}
+    for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        rows["image"].extend(raw["aligned"])
+        rows["landmarks"].extend(raw["aligned_landmarks"])
+    if not rows["image"]:
+        return None
+    return _render_tensors({name: np.array(values, dtype=object) for name, values in rows.items()}, size, device)
+
+
+def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The shuffle seed of one rank's epoch: a different order every epoch, a different stream per rank."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def regressor_loop_per_worker(config: dict[str, Any]) -> None:
+    """The regressor (and its mouth discriminator) on Ray Train: a TrainState per worker."""
+    import ray.train
+    import ray.train.torch
+
+    from facecore.models.identity import DlibResNet
+    from facecore.models.regressor import regressor_for_rig
+    from facecore.presets import preset_path
+    from facecore.rig import default_schema
+    from facecore.training.regressor import (MouthDiscriminator, MouthDiscriminatorConfig, RegressorLossConfig,
+                                             RegressorObjective, regressor_eval, regressor_step)
+    from facecore.training.state import TrainState
+
+    spec = TrainJob.model_validate(config["spec"])
+    options = spec.options
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if not spec.resources.use_gpu:
+        torch.backends.mkldnn.enabled = False  # see train_loop_per_worker
+    device = ray.train.torch.get_device()
+    schema = default_schema()
+    parser = weights.load_model(FaceParser, spec.models.parser or preset_path("parser"))
+    imitator = weights.load_model(Imitator, spec.models.imitator or preset_path("imitator"))
+    torch.manual_seed(options.seed)  # every rank starts from the same weights
+    regressor = regressor_for_rig(schema, parser, image_size=options.image_size, cnn_channels=options.cnn_channels,
+                                  hidden=options.hidden)
+    for weight in regressor.parser.parameters():
+        weight.requires_grad_(False)  # F_seg is the pretrained feature extractor
+    losses = RegressorLossConfig(**options.losses.model_dump())
+    modules: dict[str, torch.nn.Module] = {"regressor": regressor.to(device)}
+    optimisers = {"regressor": torch.optim.Adam([w for w in regressor.parameters() if w.requires_grad],
+                                                lr=options.learning_rate)}
+    if losses.mouth > 0 and losses.mouth_form == "adversarial" and config["photo_rows"]:
+        modules["discriminator"] = MouthDiscriminator(MouthDiscriminatorConfig()).to(device)
+        optimisers["discriminator"] = torch.optim.Adam(modules["discriminator"].parameters(),
+                                                       lr=options.discriminator_learning_rate, betas=(0.5, 0.999))
+    steps_per_epoch = max(1, config["train_rows"] // (options.batch_size * spec.resources.num_workers))
+    total_steps = steps_per_epoch * options.epochs
+    schedule = (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))) \
+        if options.schedule == "cosine" else (lambda step: 1.0)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+                  for name, optimiser in optimisers.items()}
+    generator = torch.Generator().manual_seed(_epoch_seed(options.seed, rank, options.epochs + 1))
+    state = TrainState(modules, optimisers, schedulers, generator=generator)
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.load(folder, device)
+    for name in list(state.modules):
+        state.modules[name] = ray.train.torch.prepare_model(state.modules[name])
+    identity = DlibResNet.from_dat() if losses.identity > 0 and config["photo_rows"] else None
+    objective = RegressorObjective(schema, imitator, identity, losses, options.image_size).to(device)
+    photos = _photo_tensors(ray.train.get_dataset_shard("photos"), options.image_size, device) \
+        if config["photo_rows"] else None
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    for epoch in range(state.epoch, options.epochs):
+        sums: dict[str, float] = {}
+        count = 0
+        batches = train_shard.iter_batches(batch_size=options.batch_size, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * options.batch_size,
+                                           local_shuffle_seed=_epoch_seed(options.seed, rank, epoch))
+        for raw in batches:
+            renders = _render_tensors(raw, options.image_size, device)
+            photo_batch = None
+            if photos is not None:
+                pick = torch.randint(len(photos["image"]), (options.photo_batch_size,), generator=state.generator)
+                photo_batch = {name: value[pick.to(value.device)] for name, value in photos.items()}
+            metrics = regressor_step(state, objective, renders, photo_batch)
+            for scheduler in state.schedulers.values():
+                scheduler.step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            count += 1
+        scores = [regressor_eval(state.plain("regressor"), schema, _render_tensors(raw, options.image_size, device))
+                  for raw in validation_shard.iter_batches(batch_size=64, batch_format="numpy")]
+        report = {"epoch": epoch, "train_loss": sums.get("total", float("nan")) / max(count, 1),
+                  **{f"loss_{name}": value / max(count, 1) for name, value in sums.items() if name != "total"},
+                  **({name: float(np.mean([s[name] for s in scores])) for name in scores[0]} if scores else {})}
+        report["validation"] = report.get("mae_ratio", float("nan"))
+        state.epoch, state.metrics = epoch + 1, report
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                state.save(os.path.join(folder, "state"))
+                checkpoint = ray.train.Checkpoint.from_directory(os.path.join(folder, "state"))
+            ray.train.report(report, checkpoint=checkpoint)
+
+
 def _parts(location, field: str) -> list[str]:
     """Paths of a job output's committed parts (listed afresh, as a resume lists them)."""
     if not location.fs.exists(location.path):
@@ -156,7 +281,24 @@ def _parts(location, field: str) -> list[str]:
     return parts
 
 
+def _complete(filesystem: pafs.FileSystem, folder: str) -> bool:
+    """A checkpoint folder holds every file it should: the TrainState manifest, or (older runs) the model's config."""
+    manifest = posixpath.join(folder, "state.json")
+    if filesystem.get_file_info(manifest).type != pafs.FileType.File:
+        return False
+    with filesystem.open_input_stream(manifest) as handle:
+        try:
+            files = json.loads(handle.read()).get("files")
+        except ValueError:
+            return False
+    if files is None:
+        return filesystem.get_file_info(posixpath.join(folder, MODEL_DIR, weights.CONFIG)).type == pafs.FileType.File
+    infos = filesystem.get_file_info([posixpath.join(folder, name) for name in files])
+    return all(info.type == pafs.FileType.File and info.size == size for info, size in zip(infos, files.values()))
+
+
 def _latest_checkpoint(storage: str, name: str, filesystem: pafs.FileSystem):
+    """The newest complete checkpoint an earlier run of this job left (a half-copied one is skipped)."""
     import ray.train
 
     folder = posixpath.join(storage, name)
@@ -165,16 +307,16 @@ def _latest_checkpoint(storage: str, name: str, filesystem: pafs.FileSystem):
     except (FileNotFoundError, OSError):
         return None
     complete = sorted(e.path for e in entries if e.type == pafs.FileType.Directory
-                      and posixpath.basename(e.path).startswith("checkpoint_")
-                      and filesystem.get_file_info(posixpath.join(e.path, MODEL_DIR, weights.CONFIG)).type
-                      == pafs.FileType.File)
+                      and posixpath.basename(e.path).startswith("checkpoint_") and _complete(filesystem, e.path))
     return ray.train.Checkpoint(complete[-1], filesystem=filesystem) if complete else None
 
 
 def _checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The last epoch's report of a checkpoint (``epoch`` is that epoch's index)."""
     with checkpoint.as_directory() as folder:
         with open(os.path.join(folder, "state.json")) as handle:
-            return json.load(handle)
+            state = json.load(handle)
+    return state["metrics"] if "files" in state else state
 
 
 def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
@@ -192,10 +334,19 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     # Reading is I/O: small CPU claims, so that the training workers, which hold
     # most of the CPUs, never starve the tasks that feed them.
     io = {"num_cpus": 0.25}
-    columns = ["key", "status", "params", "image", "mask"] if spec.model == "imitator" else \
-        ["key", "status", "image", "mask"]
+    columns = {"imitator": ["key", "status", "params", "image", "mask"], "parser": ["key", "status", "image", "mask"],
+               "regressor": ["key", "status", "params", "image", "landmarks"]}[spec.model]
     dataset = ray.data.read_parquet(parts, filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
+    photo_rows_count, photo_data = 0, None
+    if spec.data.photos and spec.model == "regressor":
+        photos = locate(spec.data.photos, spec.storage)
+        photo_data = ray.data.read_parquet(_parts(photos, "data.photos"), filesystem=photos.arrow_fs,
+                                           columns=["key", "status", "aligned", "aligned_landmarks"], **io)
+        photo_data = photo_data.filter(lambda row: row["status"] == "ok", **io).materialize()
+        photo_rows_count = photo_data.count()
+        if photo_rows_count == 0:
+            raise ValueError(f"data.photos: {photos.uri} has no aligned faces (status ok)")
     if spec.data.photos and spec.model == "parser":
         photos = locate(spec.data.photos, spec.storage)
         photo_parts = _parts(photos, "data.photos")
@@ -232,25 +383,74 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
         log.info("all %d epochs already trained in %s", spec.options.epochs, storage_path)
         checkpoint, metrics = resume, done
     else:
+        datasets = {"train": train_rows, "validation": validation_rows}
+        if photo_data is not None:
+            datasets["photos"] = photo_data  # not split: every worker draws from all of them
+        execution = ray.data.ExecutionOptions()
+        execution.preserve_order = True  # a fixed seed gives a fixed data order (exact resume)
+        regressor = spec.model == "regressor"
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            regressor_loop_per_worker if regressor else train_loop_per_worker,
             # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
             # complete checkpoint of an earlier run itself.
             train_loop_config={"spec": spec.model_dump(), "param_dim": default_schema().vector_size,
-                               "train_rows": train_rows.count(), "resume_from": resume},
+                               "train_rows": train_rows.count(), "photo_rows": photo_rows_count,
+                               "resume_from": resume},
             scaling_config=ray.train.ScalingConfig(num_workers=spec.resources.num_workers,
                                                    use_gpu=spec.resources.use_gpu, resources_per_worker={"CPU": cpus}),
-            run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=output.arrow_fs),
-            datasets={"train": train_rows, "validation": validation_rows},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=output.arrow_fs,
+                # A failed worker is restarted from the last reported checkpoint.
+                failure_config=ray.train.FailureConfig(max_failures=spec.resources.max_failures),
+                # Ray keeps the latest checkpoint besides the best one(s).
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=1, checkpoint_score_attribute=spec.options.best_metric,
+                    checkpoint_score_order=spec.options.best_mode) if regressor else None),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
         )
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
-    with checkpoint.as_directory() as folder:
-        model = weights.load_model(Imitator if spec.model == "imitator" else FaceParser,
-                                   os.path.join(folder, MODEL_DIR))
-    destination = output.join(MODEL_DIR).uri
-    weights.save_model(model, destination, extra=metrics, storage_options=fsspec_options(spec.storage, destination))
-    return {"metrics": metrics, "model": destination}
+    exported = {MODEL_DIR: (checkpoint, metrics)}
+    if spec.model == "regressor":
+        best = _best_checkpoint(storage_path, name, output.arrow_fs, spec.options.best_metric, spec.options.best_mode)
+        if best is not None:
+            exported[BEST_DIR] = best
+    for folder_name, (source, figures) in exported.items():
+        with source.as_directory() as folder:
+            model = _load_trained(spec.model, folder)
+        destination = output.join(folder_name).uri
+        weights.save_model(model, destination, extra=figures,
+                           storage_options=fsspec_options(spec.storage, destination))
+    return {"metrics": metrics, "model": output.join(MODEL_DIR).uri}
+
+
+def _load_trained(model: str, folder: str) -> torch.nn.Module:
+    from facecore.models.regressor import Regressor
+
+    if model == "regressor":
+        return weights.load_model(Regressor, os.path.join(folder, "regressor"))
+    return weights.load_model(Imitator if model == "imitator" else FaceParser, os.path.join(folder, MODEL_DIR))
+
+
+def _best_checkpoint(storage: str, name: str, filesystem: pafs.FileSystem, metric: str, mode: str):
+    """(checkpoint, its metrics) with the best ``metric`` among the complete checkpoints kept."""
+    import ray.train
+
+    folder = posixpath.join(storage, name)
+    entries = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    scored = []
+    for entry in entries:
+        if entry.type == pafs.FileType.Directory and posixpath.basename(entry.path).startswith("checkpoint_") \
+                and _complete(filesystem, entry.path):
+            with filesystem.open_input_stream(posixpath.join(entry.path, "state.json")) as handle:
+                figures = json.loads(handle.read()).get("metrics", {})
+            value = figures.get(metric)
+            if isinstance(value, (int, float)) and not math.isnan(value):
+                scored.append((value if mode == "min" else -value, entry.path, figures))
+    if not scored:
+        return None
+    _, path, figures = min(scored)
+    return ray.train.Checkpoint(path, filesystem=filesystem), figures

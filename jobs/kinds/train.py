@@ -14,8 +14,10 @@ from jobs.spec import OutputSpec, StorageSpec, StrictModel, check_uri
 
 
 class TrainData(StrictModel):
-    renders: str  # a render job's output folder: (params, image, mask) rows
-    photos: str | None = None  # parser only: an align job's output; masks come from its landmarks
+    renders: str  # a render job's output folder: (params, image, mask, landmarks) rows
+    # An align job's output: the parser learns them with masks drawn from their
+    # landmarks; the regressor with the seed's self-supervised losses.
+    photos: str | None = None
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
     photo_repeat: int = Field(1, ge=1, le=10000)  # times each photo row appears per epoch
 
@@ -23,6 +25,21 @@ class TrainData(StrictModel):
     @classmethod
     def _data_uri(cls, value: str | None) -> str | None:
         return value if value is None else check_uri(value, "data")
+
+
+class RegressorLosses(StrictModel):
+    """Loss weights of ``model: regressor`` (0 turns one off); see facecore.training.regressor."""
+
+    supervised: float = Field(1.0, ge=0)  # rig renders with known parameters (all poses)
+    landmark: float = Field(1.0, ge=0)  # rig landmarks of the prediction vs the aligned landmarks
+    content: float = Field(0.5, ge=0)  # F_seg features of G(prediction) vs of the photo
+    identity: float = Field(0.1, ge=0)  # dlib ResNet: G(predicted identity, neutral) vs the photo
+    prior: float = Field(0.01, ge=0)  # squared distance from the reference face
+    cycle: float = Field(0.1, ge=0)  # re-recognising the neutral / reference-identity renders
+    mouth: float = Field(0.02, ge=0)  # the neutral render's mouth vs neutral mouths
+    cycle_gamma: float = Field(1.0, ge=0)
+    mouth_form: Literal["adversarial", "l1"] = "adversarial"
+    landmark_noise: float = Field(0.01, ge=0, le=0.1)  # input-landmark noise on renders, fraction of the side
 
 
 class TrainOptions(StrictModel):
@@ -33,22 +50,44 @@ class TrainOptions(StrictModel):
     image_size: int = Field(64, ge=16, le=512)  # renders are resized to this
     base_channels: int = Field(32, ge=4)
     seed: int = 0
+    # regressor only
+    photo_batch_size: int = Field(8, ge=1)  # photos per step beside batch_size renders
+    cnn_channels: int = Field(16, ge=0)  # the full-resolution CNN's first width (0: none)
+    hidden: int = Field(512, ge=8)
+    discriminator_learning_rate: float = Field(2e-4, gt=0)
+    losses: RegressorLosses = RegressorLosses()
+    # The validation figure that picks the `best` checkpoint, and which way is better.
+    best_metric: str = "validation"
+    best_mode: Literal["min", "max"] = "min"
+
+
+class RegressorModels(StrictModel):
+    # The frozen networks the regressor trains against; None: the shipped presets.
+    imitator: str | None = None
+    parser: str | None = None
+
+    @field_validator("imitator", "parser")
+    @classmethod
+    def _model_uri(cls, value: str | None) -> str | None:
+        return value if value is None else check_uri(value, "model")
 
 
 class TrainResources(StrictModel):
     num_workers: int = Field(2, ge=1)  # data-parallel workers (DDP)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0)  # None: fit the cluster, leaving CPU for data reads
+    max_failures: int = Field(2, ge=0)  # worker failures Ray Train recovers from (restart from the last checkpoint)
 
 
 class TrainJob(StrictModel):
     """Train a model with Ray Train; checkpoints and the final model go to output.path."""
 
     kind: Literal["train"]
-    model: Literal["imitator", "parser"]
+    model: Literal["imitator", "parser", "regressor"]
     data: TrainData
     output: OutputSpec
     storage: StorageSpec = StorageSpec()
+    models: RegressorModels = RegressorModels()
     options: TrainOptions = TrainOptions()
     resources: TrainResources = TrainResources()
 

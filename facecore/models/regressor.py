@@ -93,10 +93,15 @@ class Regressor(nn.Module):
             features += channels[-1] * 5  # global average + a 2x2 grid
         else:
             self.cnn = None
+        # Features of very different kinds and scales: normalised per face. Each
+        # output is an MLP of them plus a linear map of them: the linear path
+        # learns the near-linear landmark → shape relations in few steps.
+        self.norm = nn.LayerNorm(features)
         self.head = nn.Sequential(nn.Linear(features, config.hidden), nn.ReLU(inplace=True),
                                   nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True))
-        self.continuous = nn.Linear(config.hidden, config.continuous_size)
-        self.styles = nn.ModuleList(nn.Linear(config.hidden, size) for size in config.style_sizes)
+        outputs = config.continuous_size + sum(config.style_sizes)
+        self.out = nn.Linear(config.hidden, outputs)
+        self.linear = nn.Linear(features, outputs)
 
     def load_parser(self, parser: FaceParser) -> None:
         """Start ``F_seg`` from a trained parser (the shipped preset, usually)."""
@@ -134,8 +139,10 @@ class Regressor(nn.Module):
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns (continuous (B, C) in [0, 1], [style logits (B, n_g) per group])."""
-        hidden = self.head(self.features(images, landmarks))
-        return torch.sigmoid(self.continuous(hidden)), [layer(hidden) for layer in self.styles]
+        features = self.norm(self.features(images, landmarks))
+        outputs = self.out(self.head(features)) + self.linear(features)
+        continuous, styles = outputs.split([self.config.continuous_size, sum(self.config.style_sizes)], dim=1)
+        return torch.sigmoid(continuous), list(styles.split(list(self.config.style_sizes), dim=1))
 
     @staticmethod
     def soft_vectors(continuous: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:

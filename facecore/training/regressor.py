@@ -78,10 +78,15 @@ class RegressorLossConfig:
             raise ValueError(f"mouth_form must be 'adversarial' or 'l1', got {self.mouth_form!r}")
 
 
+@dataclass(frozen=True)
+class MouthDiscriminatorConfig:
+    channels: int = 16
+
+
 class MouthDiscriminator(nn.Module):
     """Neutral mouth or not: (B, 3, h, w) crops → (B,) logits. Small, spectral-normed."""
 
-    def __init__(self, config: "MouthDiscriminatorConfig") -> None:
+    def __init__(self, config: MouthDiscriminatorConfig) -> None:
         super().__init__()
         self.config = config
         width = config.channels
@@ -95,11 +100,6 @@ class MouthDiscriminator(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.out(self.net(crops).mean(dim=(2, 3))).squeeze(1)
-
-
-@dataclass(frozen=True)
-class MouthDiscriminatorConfig:
-    channels: int = 16
 
 
 class RegressorObjective:

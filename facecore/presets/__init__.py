@@ -1,8 +1,8 @@
-"""The models the project ships: a frontal 64-px imitator and face parser.
+"""The models the project ships: a frontal 64-px imitator and face parser, and the regressor.
 
 Built by ``scripts/train-presets`` (the render, align and ``facejobs train`` specs
 in ``presets/``) and committed as config.json + model.safetensors folders. A
-pinch spec without ``models:`` uses them.
+pinch or recognize spec without ``models:`` uses them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent
-PRESETS = ("imitator", "parser")
+PRESETS = ("imitator", "parser", "regressor")
 
 
 def preset_path(name: str) -> str:

@@ -45,7 +45,9 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
         assert decode_png(row["render"]).shape == (64, 64, 3)
         assert row["loss_end"] <= row["loss_start"] + 1e-6 and 1 <= row["iterations"] <= 10
     assert frame[frame.status != "ok"].params.isna().all()
-    pinch_actors = [a for a in list_actors(detail=True, limit=1000)
+    # This cluster's address: another Ray on the machine must not make the state API guess.
+    address = ray_cluster.get_runtime_context().gcs_address
+    pinch_actors = [a for a in list_actors(address=address, detail=True, limit=1000)
                     if "MapWorker" in a.class_name and (a.required_resources or {}).get("GPU")]
     assert pinch_actors and all(a.required_resources["GPU"] == 0.5 for a in pinch_actors)
 

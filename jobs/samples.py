@@ -216,6 +216,21 @@ def tiny_pinch_models(folder: Path) -> dict[str, str]:
     return {"imitator": str(folder / "imitator"), "parser": str(folder / "parser")}
 
 
+def tiny_regressor(folder: Path) -> str:
+    """A small untrained regressor (64-px crops) saved in ``folder``; returns the folder. Like
+    :func:`tiny_pinch_models`, for a job's mechanics, not its quality. Seeded: the same every time."""
+    import torch
+
+    from facecore import weights
+    from facecore.models.regressor import regressor_for_rig
+    from facecore.rig import default_schema
+
+    torch.manual_seed(0)
+    weights.save_model(regressor_for_rig(default_schema(), image_size=64, cnn_channels=4, hidden=32, parser_size=32,
+                                         parser_base_channels=8, parser_stages=3), str(folder))
+    return str(folder)
+
+
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
 
 

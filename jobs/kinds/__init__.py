@@ -6,10 +6,10 @@ Adding a kind: write ``jobs/kinds/<name>.py`` with its spec model, stages and a
 
 from __future__ import annotations
 
-from jobs.kinds import align, landmarks, pinch, render, train
+from jobs.kinds import align, landmarks, pinch, recognize, render, train
 from jobs.kinds.base import JobKind, StageSpec
 
-_MODULES = (align, render, landmarks, pinch, train)
+_MODULES = (align, render, landmarks, pinch, recognize, train)
 
 KINDS: dict[str, JobKind] = {module.KIND.name: module.KIND for module in _MODULES}
 
@@ -23,6 +23,9 @@ SPEC_NAMES: dict[str, type] = {
     "PinchJob": pinch.PinchJob,
     "PinchOptions": pinch.PinchOptions,
     "PinchModels": pinch.PinchModels,
+    "RecognizeJob": recognize.RecognizeJob,
+    "RecognizeOptions": recognize.RecognizeOptions,
+    "RecognizeModels": recognize.RecognizeModels,
     "TrainJob": train.TrainJob,
     "TrainData": train.TrainData,
     "TrainOptions": train.TrainOptions,

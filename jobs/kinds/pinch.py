@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from facecore.images import encode_png
 from jobs.kinds.base import PhotoKind, StageSpec
+from jobs.kinds.recognize import RigFinishStage, aligned_faces, model_inputs, model_uri, weights_file
 from jobs.kinds.render import rig_metadata
-from jobs.spec import AlignOptions, PhotoJob, StorageSpec, StrictModel, check_uri
-from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, DEVICE_COLUMN, Batch, ModelStage
+from jobs.spec import AlignOptions, PhotoJob, StorageSpec, StrictModel
+from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, ModelStage
 
 if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
     from facecore.methods.pinch import PinchConfig
@@ -60,7 +59,7 @@ class PinchModels(StrictModel):
     @field_validator("imitator", "parser")
     @classmethod
     def _model_uri(cls, value: str | None) -> str | None:
-        return value if value is None else check_uri(value, "model")
+        return model_uri(value)
 
 
 class PinchJob(PhotoJob):
@@ -140,19 +139,13 @@ class PinchStage(ModelStage):
         self.config = pinch_config(self.options)
 
     def infer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import cv2
         import torch
 
-        from facecore.images import decode_png
         from facecore.methods.pinch import pinch
 
         size = self.imitator.config.image_size
-        crops = []
-        for row in rows:
-            crop = decode_png(row["aligned"])
-            crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-                         if crop.shape[0] != size else crop)
-        targets = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
+        crops, landmarks = aligned_faces(rows)
+        targets, _ = model_inputs(crops, landmarks, size, self.device)
         result = pinch(self.imitator, self.parser, targets, self.schema, self.config)
         with torch.no_grad():
             previews = self.imitator(torch.from_numpy(result.params).to(self.device))
@@ -160,31 +153,6 @@ class PinchStage(ModelStage):
         return [{"params": result.params[j].tolist(), "preview": previews[j].tobytes(), "preview_side": size,
                  "loss_start": float(result.loss_start[j]), "loss_end": float(result.loss_end[j]),
                  "iterations": int(result.iterations[j])} for j in range(len(rows))]
-
-
-class PinchFinishStage:
-    """CPU side of pinch: the preview as PNG and the rig's own render of the parameters."""
-
-    def __init__(self, render_size: int = 128) -> None:
-        from facecore.rig import Renderer, default_schema
-
-        self.render_size = render_size
-        self.renderer = Renderer(default_schema())
-
-    def __call__(self, batch: Batch) -> pa.Table:
-        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(dict(batch))
-        rows = table.to_pylist()
-        for row in rows:
-            side = row.pop("preview_side", None)
-            if row.get("preview") is not None and side:
-                raw = np.frombuffer(row["preview"], np.uint8).reshape(side, side, 3)
-                row["preview"] = encode_png(raw)
-                row["render"] = encode_png(self.renderer.render(np.asarray(row["params"], np.float32),
-                                                                self.render_size).image)
-        schema = PINCH_SCHEMA
-        if DEVICE_COLUMN in table.column_names:
-            schema = schema.append(pa.field(DEVICE_COLUMN, pa.string()))
-        return pa.Table.from_pylist(rows, schema=schema)
 
 
 class PinchKind(PhotoKind):
@@ -201,7 +169,8 @@ class PinchKind(PhotoKind):
             "wants_gpu": resources.num_gpus > 0})
 
     def finish_stages(self, spec: PinchJob) -> list[StageSpec]:
-        return [StageSpec(PinchFinishStage, {"render_size": spec.options.render_size})]
+        return [StageSpec(RigFinishStage, {"schema": PINCH_SCHEMA, "renders": {"render": "params"},
+                                           "render_size": spec.options.render_size, "raw_images": ["preview"]})]
 
     def schema_metadata(self, spec: PinchJob) -> dict[str, str]:
         from facecore.rig import default_schema
@@ -209,13 +178,9 @@ class PinchKind(PhotoKind):
         return rig_metadata(default_schema())
 
     def model_files(self, spec: PinchJob) -> dict[str, str]:
-        from facecore import weights
-        from facecore.presets import preset_path
-
         files = super().model_files(spec)
         for name in ("imitator", "parser"):
-            folder = getattr(spec.models, name) or preset_path(name)
-            files[name] = f"{str(folder).rstrip('/')}/{weights.WEIGHTS}"
+            files[name] = weights_file(getattr(spec.models, name), name)
         return files
 
     def row_bytes(self, spec: PinchJob) -> int:

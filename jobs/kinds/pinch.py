@@ -1,8 +1,11 @@
 """``kind: pinch``: photos -> rig parameters by pinch optimisation (SPEC.md §4).
 
 CPU pool: fetch, decode, 68-point affine alignment onto the rig's reference face.
-Model pool: the batched optimiser over the imitator and the face parser.
-CPU pool again: the preview and the rig render as PNG, then the commit.
+Model pool: the start (the regressor's vectors, as ``kind: recognize`` finds them,
+or the reference face), then the batched optimiser over the imitator and the face
+parser, with the landmark term on the aligned landmarks.
+CPU pool again: the preview and the rig renders of the start and the result as
+PNG, then the commit.
 """
 
 from __future__ import annotations
@@ -10,15 +13,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from jobs.kinds.base import PhotoKind, StageSpec
-from jobs.kinds.recognize import RigFinishStage, aligned_faces, model_inputs, model_uri, weights_file
+from jobs.kinds.recognize import (
+    RigFinishStage,
+    aligned_faces,
+    load_regressor,
+    model_inputs,
+    model_uri,
+    weights_file,
+)
 from jobs.kinds.render import rig_metadata
 from jobs.spec import AlignOptions, PhotoJob, StorageSpec, StrictModel
 from jobs.stages import ALIGN_FIELD_DOCS, ALIGN_SCHEMA, ModelStage
 
 if TYPE_CHECKING:  # torch stays out of the import path of CPU-only stages
+    import numpy as np
+    import torch
+
     from facecore.methods.pinch import PinchConfig
 
 
@@ -34,10 +47,17 @@ class PinchOptions(AlignOptions):
     target_loss: float = Field(0.0, ge=0)
     prior_weight: float = Field(0.1, ge=0)  # pull towards the reference face; 0 = the seed's plain loss
     try_styles: bool = True  # choose discrete styles by trying each one (start and snap)
-    render_size: int = Field(128, ge=32, le=1024)  # side of the rig render of the result
-    # Parameters kept at the reference. The shipped models learned frontal renders
-    # and photos arrive aligned to the frontal reference, so the pose is held.
-    hold: list[str] = Field(default_factory=lambda: ["yaw", "pitch", "roll"])
+    render_size: int = Field(128, ge=32, le=1024)  # side of the rig renders of the start and the result
+    # Where the search starts: the regressor's vectors (models.regressor), or the reference face.
+    init: Literal["recognize", "reference"] = "recognize"
+    # The rig's own landmarks of x, aligned like the photo, against the photo's aligned
+    # landmarks: exact geometry for shape and pose; 0 = off.
+    landmark_weight: float = Field(1.0, ge=0)
+    # Parameters kept where they start. None by default: the landmark term recovers the pose.
+    hold: list[str] = Field(default_factory=list)
+    # The shipped imitator learned frontal renders: it is shown x with the pose at the
+    # reference, and only the landmark term and the prior move the pose.
+    frontal_imitator: bool = True
 
     @field_validator("hold")
     @classmethod
@@ -55,8 +75,9 @@ class PinchModels(StrictModel):
     # models the project ships (facecore.presets), found on each worker.
     imitator: str | None = None
     parser: str | None = None
+    regressor: str | None = None  # used with options.init: recognize
 
-    @field_validator("imitator", "parser")
+    @field_validator("imitator", "parser", "regressor")
     @classmethod
     def _model_uri(cls, value: str | None) -> str | None:
         return model_uri(value)
@@ -69,6 +90,14 @@ class PinchJob(PhotoJob):
     models: PinchModels = PinchModels()
     options: PinchOptions = PinchOptions()
 
+    @field_validator("options")
+    @classmethod
+    def _regressor_used(cls, value: PinchOptions, info: ValidationInfo) -> PinchOptions:
+        models = info.data.get("models")
+        if value.init == "reference" and models is not None and models.regressor is not None:
+            raise ValueError("init: reference starts without the regressor, but models.regressor is given; "
+                             "remove it or use init: recognize")
+        return value
 
 
 PINCH_FIELD_DOCS = {
@@ -76,8 +105,11 @@ PINCH_FIELD_DOCS = {
     "params": "flat rig vector found by pinch; slot names in facejobs.params",
     "preview": "PNG of the imitator's rendering of params",
     "render": "PNG of the rig renderer's rendering of params",
-    "loss_start": "feature L1 at the reference face",
-    "loss_end": "feature L1 at the result",
+    "init_params": "flat rig vector the search started from: the regressor's (options.init: recognize) "
+                   "or the reference face's",
+    "init_render": "PNG of the rig renderer's rendering of init_params",
+    "loss_start": "pinch loss (feature L1, prior and landmark terms) at init_params",
+    "loss_end": "pinch loss at params",
     "iterations": "optimiser steps taken",
 }
 
@@ -85,6 +117,8 @@ PINCH_SCHEMA = pa.schema(list(ALIGN_SCHEMA) + [
     pa.field("params", pa.list_(pa.float32())),
     pa.field("preview", pa.binary()),
     pa.field("render", pa.binary()),
+    pa.field("init_params", pa.list_(pa.float32())),
+    pa.field("init_render", pa.binary()),
     pa.field("loss_start", pa.float32()),
     pa.field("loss_end", pa.float32()),
     pa.field("iterations", pa.int32()),
@@ -102,21 +136,23 @@ def pinch_config(options: PinchOptions) -> PinchConfig:
     return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
                        patience=options.patience, min_improvement=options.min_improvement,
                        target_loss=options.target_loss, prior_weight=options.prior_weight,
-                       try_styles=options.try_styles, hold=tuple(options.hold))
+                       try_styles=options.try_styles, hold=tuple(options.hold),
+                       landmark_weight=options.landmark_weight, frontal_imitator=options.frontal_imitator)
 
 
 class PinchStage(ModelStage):
     """Pinch the aligned faces of a block, ``batch_size`` at a time.
 
-    Loads the imitator and parser once per actor, on the GPU when the actor has
-    one and on the CPU otherwise (see :func:`jobs.stages.pick_device`).
+    Loads the imitator and parser (and, with ``init: recognize``, the regressor)
+    once per actor, on the GPU when the actor has one and on the CPU otherwise
+    (see :func:`jobs.stages.pick_device`).
     """
 
     output_schema = PINCH_MODEL_SCHEMA
 
     def __init__(self, imitator_uri: str | None, parser_uri: str | None, options: PinchOptions | None = None,
                  storage: StorageSpec | None = None, batch_size: int = 16, device: str = "auto",
-                 wants_gpu: bool = False, cpu_threads: int | None = None) -> None:
+                 wants_gpu: bool = False, cpu_threads: int | None = None, regressor_uri: str | None = None) -> None:
         from facecore import weights
         from facecore.models.imitator import Imitator
         from facecore.models.parsing import FaceParser
@@ -137,6 +173,18 @@ class PinchStage(ModelStage):
             raise ValueError(f"models.imitator takes {self.imitator.config.param_dim} parameters; "
                              f"rig {self.schema.name} has {self.schema.vector_size}")
         self.config = pinch_config(self.options)
+        self.regressor = (load_regressor(regressor_uri, storage, self.device, self.schema)
+                          if self.options.init == "recognize" else None)
+
+    def start(self, crops: list[np.ndarray], landmarks: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """(B, D) vectors the search starts from: the regressor's, or the reference face's."""
+        import torch
+
+        if self.regressor is not None:
+            images, points = model_inputs(crops, landmarks, self.regressor.config.image_size, self.device)
+            return self.regressor.vectors(images, points)[0].to(dtype)
+        reference = torch.from_numpy(self.schema.reference_vector()).to(device=self.device, dtype=dtype)
+        return reference.repeat(len(crops), 1)
 
     def infer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch
@@ -145,14 +193,17 @@ class PinchStage(ModelStage):
 
         size = self.imitator.config.image_size
         crops, landmarks = aligned_faces(rows)
-        targets, _ = model_inputs(crops, landmarks, size, self.device)
-        result = pinch(self.imitator, self.parser, targets, self.schema, self.config)
+        targets, points = model_inputs(crops, landmarks, size, self.device)  # landmarks at the imitator's side
+        start = self.start(crops, landmarks, targets.dtype)
+        result = pinch(self.imitator, self.parser, targets, self.schema, self.config, start=start, landmarks=points)
         with torch.no_grad():
             previews = self.imitator(torch.from_numpy(result.params).to(self.device))
         previews = (previews.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        init = start.float().cpu().numpy()
         return [{"params": result.params[j].tolist(), "preview": previews[j].tobytes(), "preview_side": size,
-                 "loss_start": float(result.loss_start[j]), "loss_end": float(result.loss_end[j]),
-                 "iterations": int(result.iterations[j])} for j in range(len(rows))]
+                 "init_params": init[j].tolist(), "loss_start": float(result.loss_start[j]),
+                 "loss_end": float(result.loss_end[j]), "iterations": int(result.iterations[j])}
+                for j in range(len(rows))]
 
 
 class PinchKind(PhotoKind):
@@ -164,13 +215,15 @@ class PinchKind(PhotoKind):
     def model_stage(self, spec: PinchJob) -> StageSpec:
         resources = spec.resources
         return StageSpec(PinchStage, {
-            "imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser, "options": spec.options,
+            "imitator_uri": spec.models.imitator, "parser_uri": spec.models.parser,
+            "regressor_uri": spec.models.regressor, "options": spec.options,
             "storage": spec.storage, "batch_size": resources.batch_size, "device": resources.device,
             "wants_gpu": resources.num_gpus > 0})
 
     def finish_stages(self, spec: PinchJob) -> list[StageSpec]:
-        return [StageSpec(RigFinishStage, {"schema": PINCH_SCHEMA, "renders": {"render": "params"},
-                                           "render_size": spec.options.render_size, "raw_images": ["preview"]})]
+        return [StageSpec(RigFinishStage, {
+            "schema": PINCH_SCHEMA, "renders": {"render": "params", "init_render": "init_params"},
+            "render_size": spec.options.render_size, "raw_images": ["preview"]})]
 
     def schema_metadata(self, spec: PinchJob) -> dict[str, str]:
         from facecore.rig import default_schema
@@ -179,12 +232,13 @@ class PinchKind(PhotoKind):
 
     def model_files(self, spec: PinchJob) -> dict[str, str]:
         files = super().model_files(spec)
-        for name in ("imitator", "parser"):
+        names = ("imitator", "parser") + (("regressor",) if spec.options.init == "recognize" else ())
+        for name in names:
             files[name] = weights_file(getattr(spec.models, name), name)
         return files
 
     def row_bytes(self, spec: PinchJob) -> int:
-        return super().row_bytes(spec) + int(1.5 * spec.options.render_size ** 2) + 4096
+        return super().row_bytes(spec) + 2 * int(1.5 * spec.options.render_size ** 2) + 4096
 
 
 KIND = PinchKind()

@@ -22,7 +22,7 @@ import pytest
 from jobs.local_cluster import LocalCluster, free_port, wait_for  # noqa: F401 (tests import it from here)
 from jobs.manifest import write_manifest
 from jobs.output import SYSTEMIC_STATUSES
-from jobs.samples import photo_copies, tiny_pinch_models  # noqa: F401 (tests import photo_copies from here)
+from jobs.samples import photo_copies, tiny_pinch_models, tiny_regressor  # noqa: F401 (tests import photo_copies from here)
 
 CLUSTER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFACEJOBSCLUSTER7Q",
                        "AWS_SECRET_ACCESS_KEY": "facejobs-cluster-secret-4f9d2e61b0c8a7"}
@@ -39,8 +39,10 @@ def cluster():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Small untrained pinch models: these tests are about placement and faults, not quality."""
-    return tiny_pinch_models(tmp_path_factory.mktemp("models"))
+    """Small untrained pinch models: these tests are about placement and faults, not quality.
+    With a regressor, so that pinch starts as by default (options.init: recognize)."""
+    folder = tmp_path_factory.mktemp("models")
+    return {**tiny_pinch_models(folder), "regressor": tiny_regressor(folder / "regressor")}
 
 
 def manifest_of(paths: list[Path], manifest: Path) -> list[str]:

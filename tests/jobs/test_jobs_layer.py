@@ -87,7 +87,8 @@ def test_reruns_with_another_spec_are_refused_unless_allowed(ray_cluster, photos
     run(parse_spec(_align(manifest, tmp_path / "out")), progress=False)
     with pytest.raises(SpecChanged, match=r"options\.size: 64 -> 96"):
         run(parse_spec(_align(manifest, tmp_path / "out", size=96)), progress=False)
-    pinch = {"kind": "pinch", "input": {"manifest": str(manifest)}, "output": {"path": str(tmp_path / "out")}}
+    pinch = {"kind": "pinch", "input": {"manifest": str(manifest)}, "output": {"path": str(tmp_path / "out")},
+             "options": {"init": "reference"}}  # shipped models only (no preset regressor yet)
     with pytest.raises(SpecChanged, match=r"kind: 'align' -> 'pinch'"):
         run(parse_spec(pinch), progress=False)
     spec_path = tmp_path / "bigger.json"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from facecore import weights
 from facecore.images import decode_png
+from facecore.models.regressor import Regressor
 from facecore.rig import default_schema
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
-from jobs.samples import bad_input_corpus, tiny_pinch_models, write_corpus
+from jobs.samples import bad_input_corpus, tiny_pinch_models, tiny_regressor, write_corpus
 from jobs.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.ray
@@ -17,8 +21,19 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Small untrained models: this tests the job's mechanics, bench/pinch_quality.py its quality."""
-    return tiny_pinch_models(tmp_path_factory.mktemp("models"))
+    """Small untrained models (imitator 32 px, regressor 64 px): this tests the job's mechanics,
+    bench/pinch_quality.py its quality. With the regressor, jobs start as by default (init: recognize)."""
+    folder = tmp_path_factory.mktemp("models")
+    return {**tiny_pinch_models(folder), "regressor": tiny_regressor(folder / "regressor")}
+
+
+def _regressor_vectors(uri: str, rows: list[dict]) -> np.ndarray:
+    """What the regressor itself says of rows' aligned crops (at its own side: no resize)."""
+    model = weights.load_model(Regressor, uri).eval()
+    crops = np.stack([decode_png(row["aligned"]) for row in rows])
+    assert crops.shape[1] == model.config.image_size
+    landmarks = torch.tensor(np.array([row["aligned_landmarks"] for row in rows], np.float32)).view(-1, 68, 2)
+    return model.vectors(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0, landmarks)[0].numpy()
 
 
 def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp_path):
@@ -43,8 +58,12 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
         assert 0.0 <= min(row["params"]) and max(row["params"]) <= 1.0
         assert decode_png(row["preview"]).shape == (32, 32, 3)
         assert decode_png(row["render"]).shape == (64, 64, 3)
+        assert decode_png(row["init_render"]).shape == (64, 64, 3)
         assert row["loss_end"] <= row["loss_start"] + 1e-6 and 1 <= row["iterations"] <= 10
-    assert frame[frame.status != "ok"].params.isna().all()
+    assert frame[frame.status != "ok"].params.isna().all() and frame[frame.status != "ok"].init_params.isna().all()
+    # The search started from the regressor's vectors (init: recognize, the default).
+    np.testing.assert_allclose(np.stack(ok.init_params.to_numpy()),
+                               _regressor_vectors(checkpoints["regressor"], ok.to_dict("records")), atol=1e-5)
     # This cluster's address: another Ray on the machine must not make the state API guess.
     address = ray_cluster.get_runtime_context().gcs_address
     pinch_actors = [a for a in list_actors(address=address, detail=True, limit=1000)
@@ -54,7 +73,7 @@ def test_pinch_job_rows_and_gpu_scheduling(ray_cluster, photos, checkpoints, tmp
     lineage = summary.lineage  # a GPU share was asked for and no CUDA is here: said and recorded
     assert lineage["devices"]["model_pool"] == ["cpu (fallback: GPUs asked, no CUDA visible)"]
     assert any("see no CUDA device" in warning for warning in lineage["warnings"])
-    assert set(lineage["models"]) >= {"imitator", "parser", "dlib_landmarks68"}
+    assert set(lineage["models"]) >= {"imitator", "parser", "regressor", "dlib_landmarks68"}
     node = ray_cluster.get_runtime_context().get_node_id()  # one node here: every pool ran on it
     assert lineage["placement"] == {"cpu_pool": [node], "model_pool": [node], "commit_pool": [node]}
     assert lineage["node_labels"] == {node: {}}
@@ -125,13 +144,94 @@ def test_pinch_spec_knows_its_held_parameters(tmp_path):
                     "models": {"imitator": "i", "parser": "p"}, "options": {"hold": ["yaw", "tail"]}})
 
 
+def test_pinch_spec_start_and_landmark_options():
+    from jobs.kinds import kind_of
+    from jobs.kinds.pinch import pinch_config
+
+    base = {"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}}
+    options = parse_spec(base).options
+    assert (options.init, options.landmark_weight, options.hold, options.frontal_imitator) == \
+        ("recognize", 1.0, [], True)
+    config = pinch_config(parse_spec({**base, "options": {"landmark_weight": 0.5, "hold": ["roll"],
+                                                          "frontal_imitator": False}}).options)
+    assert (config.landmark_weight, config.hold, config.frontal_imitator) == (0.5, ("roll",), False)
+    # Lineage (and the rerun guard) hashes the regressor only when the search starts from it.
+    models = {"imitator": "/m/i", "parser": "/m/p"}
+    started = parse_spec({**base, "models": {**models, "regressor": "/m/r/"}})
+    assert kind_of(started).model_files(started)["regressor"] == "/m/r/model.safetensors"
+    reference = parse_spec({**base, "models": models, "options": {"init": "reference"}})
+    assert "regressor" not in kind_of(reference).model_files(reference)
+    for document, message in [
+        ({"options": {"init": "regressor"}}, r"options\.init: .*'recognize' or 'reference'"),
+        ({"options": {"landmark_weight": -1}}, r"options\.landmark_weight: "),
+        ({"models": {"regressor": " "}}, r"models\.regressor: model must not be empty"),
+        ({"models": {"regressor": "/m/r"}, "options": {"init": "reference"}},
+         r"options: init: reference starts without the regressor, but models\.regressor is given"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            parse_spec({**base, **document})
+
+
+@pytest.fixture(scope="module")
+def aligned_rows(photos):
+    """Two photos aligned as a pinch job aligns them (64 px: the tiny regressor's side), without Ray."""
+    from jobs.kinds.pinch import PinchOptions
+    from jobs.stages import AlignStage, FetchStage
+
+    rows = {"key": ["obama", "biden"], "uri": [str(photos["obama.jpg"]), str(photos["biden.jpg"])],
+            "status": ["ok", "ok"], "error": [None, None]}
+    return AlignStage(PinchOptions(size=64))(FetchStage()(rows))
+
+
+def _stage(checkpoints, **options):
+    from jobs.kinds.pinch import PinchOptions, PinchStage
+
+    init = options.get("init", "recognize")
+    return PinchStage(checkpoints["imitator"], checkpoints["parser"], PinchOptions(size=64, **options),
+                      regressor_uri=checkpoints["regressor"] if init == "recognize" else None, device="cpu")
+
+
+def test_pinch_starts_from_the_regressor_or_the_reference_face(checkpoints, aligned_rows):
+    # No search steps and no style trials: the result is the start itself.
+    still = {"max_iterations": 0, "try_styles": False}
+    recognized = _stage(checkpoints, **still)(aligned_rows).to_pylist()
+    expected = _regressor_vectors(checkpoints["regressor"], recognized)
+    np.testing.assert_allclose([row["init_params"] for row in recognized], expected, atol=1e-5)
+    np.testing.assert_allclose([row["params"] for row in recognized], expected, atol=1e-6)
+    referenced = _stage(checkpoints, init="reference", **still)(aligned_rows).to_pylist()
+    reference = default_schema().reference_vector()
+    for row in referenced:
+        np.testing.assert_allclose(row["init_params"], reference, atol=1e-7)
+        np.testing.assert_allclose(row["params"], reference, atol=1e-7)
+    assert not np.allclose(expected[0], reference, atol=1e-3)  # two different starts
+
+
+def test_the_landmark_term_sees_the_landmarks_at_the_imitators_side(checkpoints, aligned_rows):
+    from facecore.losses import landmark_error
+    from facecore.rig import geometry, reference_face
+
+    still = {"max_iterations": 0, "try_styles": False, "init": "reference"}
+    with_term = _stage(checkpoints, landmark_weight=2.0, **still)(aligned_rows).to_pylist()
+    without = _stage(checkpoints, landmark_weight=0.0, **still)(aligned_rows).to_pylist()
+    schema, side = default_schema(), 32  # the tiny imitator's side; the crops are 64 px
+    start = torch.from_numpy(np.stack([schema.reference_vector()] * 2))
+    points = geometry.landmarks(geometry.values_from_vector(start, schema), side).float()
+    landmarks = torch.tensor([row["aligned_landmarks"] for row in with_term], dtype=torch.float32).view(2, 68, 2)
+    reference_points = torch.from_numpy(reference_face(side).landmarks).float()
+    error = landmark_error(points, landmarks * (side / 64), reference_points).numpy()
+    assert (error > 0.01).all()
+    gaps = np.array([a["loss_start"] - b["loss_start"] for a, b in zip(with_term, without)])
+    np.testing.assert_allclose(gaps, 2.0 * error, rtol=1e-3, atol=1e-5)
+
+
 def test_report_of_a_job_on_the_shipped_models(ray_cluster, photos, tmp_path):
     from jobs.cli import main
 
     write_manifest([str(photos["obama.jpg"]), str(tmp_path / "missing.jpg")], str(tmp_path / "m.parquet"))
     spec = parse_spec({  # no models: the presets in facecore/presets
         "kind": "pinch", "input": {"manifest": str(tmp_path / "m.parquet")}, "output": {"path": str(tmp_path / "out")},
-        "options": {"max_iterations": 3, "size": 64, "render_size": 64},
+        # The regressor is not shipped yet: start from the reference face.
+        "options": {"max_iterations": 3, "size": 64, "render_size": 64, "init": "reference"},
     })
     run(spec, progress=False)
     assert main(["report", str(tmp_path / "out")]) == 0

@@ -72,10 +72,11 @@ def test_relative_local_paths_are_relative_to_the_spec_file(tmp_path, monkeypatc
     assert spec.models.parser == str(tmp_path / "parser")
 
 
-def test_pinch_defaults_to_the_shipped_models_and_a_frontal_hold():
+def test_pinch_defaults_to_the_shipped_models_and_the_regressors_start():
     spec = parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
-    assert spec.models.imitator is None and spec.models.parser is None
-    assert spec.options.hold == ["yaw", "pitch", "roll"] and spec.options.method == "affine68"
+    assert spec.models.imitator is None and spec.models.parser is None and spec.models.regressor is None
+    assert spec.options.init == "recognize" and spec.options.landmark_weight == 1.0
+    assert spec.options.hold == [] and spec.options.frontal_imitator and spec.options.method == "affine68"
     with pytest.raises(SpecError, match=r"data\.photo_repeat"):
         parse_spec({"kind": "train", "model": "parser", "data": {"renders": "r", "photo_repeat": 0},
                     "output": {"path": "o"}})

@@ -2,8 +2,11 @@
 
 One row per output row: the source photo (fetched from its uri when reachable),
 every image column the job wrote (aligned, preview, render, image, mask...), the
-status, and the parameters by name. Images are embedded as data URIs, so the file
-opens in a browser wherever it is copied.
+status, and the parameters by name. The kinds that turn photos into avatars show
+the face and its avatars side by side instead: recognize ``photo | avatar``, pinch
+``photo | recognize avatar | pinch avatar`` (the photo is the aligned face the
+models saw). Images are embedded as data URIs, so the file opens in a browser
+wherever it is copied.
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ from jobs.storage import locate, write_atomic
 
 IMAGE_COLUMNS = ("aligned", "preview", "render", "image", "mask")
 THUMBNAIL = 160
+PHOTO = "photo"  # the header of the source photo, fetched from the row's uri
+
+
+def _picture_columns(kind: str, options: dict, names: list[str]) -> list[tuple[str, str]]:
+    """(header, column) of each picture in a row, in order; column ``PHOTO`` is the source photo."""
+    if kind == "recognize":
+        return [("photo", "aligned"), ("avatar", "render")]
+    if kind == "pinch":
+        start = "recognize avatar" if options.get("init", "recognize") == "recognize" else "start avatar (reference)"
+        return [("photo", "aligned"), (start, "init_render"), ("pinch avatar", "render")]
+    return ([(PHOTO, PHOTO)] if "uri" in names else []) + [(c, c) for c in IMAGE_COLUMNS if c in names]
 
 
 def _data_uri(rgb: np.ndarray) -> str:
@@ -68,18 +82,20 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
     rig = json.loads(metadata.get(b"facejobs.rig", b"{}"))
     neutral = {p["name"]: p.get("neutral", 0.5) for p in rig.get("continuous", [])}
     kind = metadata.get(b"facejobs.kind", b"?").decode()
+    options = json.loads(metadata.get(b"facejobs.options", b"{}"))
     table = pa.concat_tables(pq.read_table(p, filesystem=arrow_fs) for p in parts)
     table = table.sort_by([("key", "ascending")]).slice(0, limit)
-    columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    pictures = _picture_columns(kind, options, table.column_names)
     rows_html = []
     for row in table.to_pylist():
         cells = []
-        if "uri" in row:
-            picture = _photo(row["uri"], storage)
-            cells.append(f'<td><img src="{picture}"></td>' if picture else "<td>(photo unavailable)</td>")
-        for column in columns:
+        for _, column in pictures:
             data = row.get(column)
-            if data:
+            if column == PHOTO or (column == "aligned" and not data and row.get("uri")):
+                # The source photo; for a row that failed before alignment, in place of its face.
+                picture = _photo(row["uri"], storage)
+                cells.append(f'<td><img src="{picture}"></td>' if picture else "<td>(photo unavailable)</td>")
+            elif data:
                 picture = _mask_picture(data) if column == "mask" else decode_png(data)
                 if picture.ndim == 2:
                     picture = np.repeat(picture[:, :, None], 3, axis=2)
@@ -93,6 +109,8 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
             # The style choices, then the ten parameters farthest from neutral.
             pairs = list(zip(names, row["params"]))
             styles = [name for name, value in pairs if "=" in name and value > 0.5]
+            if row.get("style_confidence") is not None:  # one per group, in the rig's (and the vector's) order
+                styles = [f"{name} ({p:.2f})" for name, p in zip(styles, row["style_confidence"])]
             continuous = sorted(((n, v) for n, v in pairs if "=" not in n),
                                 key=lambda p: -abs(p[1] - neutral.get(p[0], 0.5)))
             shown = styles + [f"{n}={v:.2f}" for n, v in continuous[:10]]
@@ -103,7 +121,7 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
         cells.append(f"<td><b>{html.escape(str(row['key']))}</b><br>{status} {error}{losses}"
                      f"<div class=p>{details}</div></td>")
         rows_html.append("<tr>" + "".join(cells) + "</tr>")
-    header = (["photo"] if "uri" in table.column_names else []) + list(columns) + ["row"]
+    header = [html.escape(name) for name, _ in pictures] + ["row"]
     document = f"""<!doctype html><meta charset="utf-8"><title>facejobs {kind} report</title>
 <style>body{{font:13px sans-serif}} td{{vertical-align:top;padding:4px;border-bottom:1px solid #ddd}}
 img{{max-width:{THUMBNAIL}px}} .p{{color:#555;font-size:11px}}</style>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -239,6 +240,63 @@ def test_report_of_a_job_on_the_shipped_models(ray_cluster, photos, tmp_path):
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("_tmp") or p.suffix == ".tmp"]
     assert len(pd.read_parquet(tmp_path / "out")) == 2  # the folder still reads as a table
     assert page.count("<tr>") == 3  # header + two rows
-    assert page.count("data:image/jpeg;base64,") == 4  # photo, aligned, preview, render of the ok row
+    # The ok row: its aligned face, the start's avatar (the reference face here) and the pinch avatar.
+    assert page.count("data:image/jpeg;base64,") == 3
+    assert "<th>start avatar (reference)</th><th>pinch avatar</th>" in page
     assert "fetch_error" in page and "hair_style=" in page and "loss " in page
     assert main(["report", str(tmp_path / "nothing")]) == 1
+
+
+def _report_rows(page: str) -> dict[str, list[float]]:
+    """Each body row of a report by its key: the mean grey level of each of its pictures, in order."""
+    import base64
+    import re
+
+    from facecore.images import DecodeLimits, decode
+
+    rows = page.split("<tr>")[2:]  # [0]: before the table, [1]: the header
+    return {re.search(r"<b>(.*?)</b>", row).group(1):
+            [round(float(decode(base64.b64decode(data), DecodeLimits()).rgb.mean()))
+             for data in re.findall(r'<img src="data:image/jpeg;base64,([^"]+)">', row)] for row in rows}
+
+
+@pytest.mark.parametrize("kind, init, headers", [
+    ("recognize", None, ["photo", "avatar"]),
+    ("pinch", "recognize", ["photo", "recognize avatar", "pinch avatar"]),
+    ("pinch", "reference", ["photo", "start avatar (reference)", "pinch avatar"]),
+])
+def test_report_shows_the_face_beside_its_avatars(tmp_path, kind, init, headers):
+    import json
+
+    from facecore.images import encode_png
+    from jobs.kinds.pinch import PINCH_SCHEMA
+    from jobs.kinds.recognize import RECOGNIZE_SCHEMA
+    from jobs.report import write_report
+    from jobs.stages import CommitStage
+
+    schema = default_schema()
+    vector = schema.reference_vector().tolist()
+
+    def png(value: int) -> bytes:
+        return encode_png(np.full((32, 32, 3), value, np.uint8))
+
+    pictures = {"aligned": png(10), "render": png(20), "init_render": png(30), "preview": png(40)}
+    ok = {"key": "face", "uri": str(tmp_path / "gone.jpg"), "status": "ok", "params": vector, **pictures}
+    if kind == "recognize":
+        ok["style_confidence"] = [0.75] * len(schema.discrete)
+    else:
+        ok.update(init_params=vector, loss_start=0.5, loss_end=0.25, iterations=3)
+    failed = {"key": "lost", "uri": str(tmp_path / "lost.jpg"), "status": "fetch_error", "error": "not found"}
+    table = pa.Table.from_pylist([ok, failed], schema=RECOGNIZE_SCHEMA if kind == "recognize" else PINCH_SCHEMA)
+    options = {} if init is None else {"init": init}
+    metadata = {"facejobs.kind": kind, "facejobs.options": json.dumps(options),
+                "facejobs.params": json.dumps(list(schema.vector_names))}
+    CommitStage(str(tmp_path / "out"), metadata=metadata)(table)
+    page = (tmp_path / "out" / "_report.html").read_text() if write_report(str(tmp_path / "out")) else ""
+    assert "<tr>" + "".join(f"<th>{h}</th>" for h in headers) + "<th>row</th></tr>" in page
+    # The aligned face (grey 10), then the start's avatar (30) for pinch, then the result's (20);
+    # no preview (40). The lost row's photo cannot be shown.
+    assert _report_rows(page) == {"face": [10, 20] if kind == "recognize" else [10, 30, 20], "lost": []}
+    assert page.count("(photo unavailable)") == 1
+    if kind == "recognize":  # each style with the regressor's confidence in it
+        assert page.count(" (0.75)") == len(schema.discrete)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from jobs.kinds import kind_of
 from jobs.kinds.recognize import RECOGNIZE_SCHEMA, RecognizeStage, model_inputs
 from jobs.manifest import write_manifest
 from jobs.pipeline import run
+from jobs.report import write_report
 from jobs.samples import bad_input_corpus, tiny_regressor, write_corpus
 from jobs.spec import SpecError, parse_spec
 
@@ -87,6 +89,12 @@ def test_recognize_job_rows_params_and_resume(ray_cluster, photos, regressor, tm
     assert json.loads(metadata[b"facejobs.style_groups"]) == [g.name for g in schema.discrete]
     assert set(json.loads(metadata[b"facejobs.columns"])) >= {"params", "render", "style_confidence", "aligned"}
     assert pq.read_schema(part).names == RECOGNIZE_SCHEMA.names
+
+    # The contact sheet: each face beside its avatar.
+    page = (tmp_path / "out" / "_report.html").read_text() if write_report(str(tmp_path / "out")) else ""
+    assert "<tr><th>photo</th><th>avatar</th><th>row</th></tr>" in page
+    pictures = {re.search(r"<b>(.*?)</b>", row).group(1): row.count("<img ") for row in page.split("<tr>")[2:]}
+    assert all(pictures[key] == 2 for key in ok.key)
 
     # An interrupted run (a part lost, no _SUCCESS): the rerun does exactly the missing keys, and the
     # missing object again (a systemic status is retried).

@@ -92,7 +92,8 @@ def render_figures(found: np.ndarray, truth: np.ndarray, schema) -> dict[str, fl
     pose = [names.index(name) for name in POSE]
 
     def ratio(index):
-        return float(np.abs(found[:, index] - truth[:, index]).mean() / np.abs(reference[index] - truth[:, index]).mean())
+        error = np.abs(found[:, index] - truth[:, index]).mean()
+        return float(error / np.abs(reference[index] - truth[:, index]).mean())
 
     correct = [np.mean(found[:, schema.group_slice(g.name)].argmax(1) == truth[:, schema.group_slice(g.name)].argmax(1))
                for g in schema.discrete]

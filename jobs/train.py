@@ -199,8 +199,9 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
     options = spec.options
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    if not spec.resources.use_gpu:
-        torch.backends.mkldnn.enabled = False  # see train_loop_per_worker
+    # oneDNN stays on here (twice the speed): the segfault train_loop_per_worker
+    # avoids is in the weight gradient of 1x1 convolutions, and the regressor's
+    # only 1x1 convolutions are in the frozen parser.
     device = ray.train.torch.get_device()
     schema = default_schema()
     parser = weights.load_model(FaceParser, spec.models.parser or preset_path("parser"))
@@ -226,18 +227,26 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
                   for name, optimiser in optimisers.items()}
     generator = torch.Generator().manual_seed(_epoch_seed(options.seed, rank, options.epochs + 1))
     state = TrainState(modules, optimisers, schedulers, generator=generator)
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state.load(folder, device)
+    else:
+        # Feature standardisation from the first held-out renders (inputs only, no
+        # labels; every worker reads the same ones, and DDP broadcasts rank 0's
+        # anyway). Not from the training shard: a second pass over a split shard
+        # would start an epoch the other workers are not in.
+        sample = next(iter(validation_shard.iter_batches(batch_size=256, batch_format="numpy")))
+        sample = _render_tensors(sample, options.image_size, device)
+        regressor.calibrate(sample["image"], sample["landmarks"])
     for name in list(state.modules):
         state.modules[name] = ray.train.torch.prepare_model(state.modules[name])
     identity = DlibResNet.from_dat() if losses.identity > 0 and config["photo_rows"] else None
     objective = RegressorObjective(schema, imitator, identity, losses, options.image_size).to(device)
     photos = _photo_tensors(ray.train.get_dataset_shard("photos"), options.image_size, device) \
         if config["photo_rows"] else None
-    train_shard = ray.train.get_dataset_shard("train")
-    validation_shard = ray.train.get_dataset_shard("validation")
     for epoch in range(state.epoch, options.epochs):
         sums: dict[str, float] = {}
         count = 0
@@ -247,7 +256,7 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
         for raw in batches:
             renders = _render_tensors(raw, options.image_size, device)
             photo_batch = None
-            if photos is not None:
+            if photos is not None and state.steps["regressor"] % options.photo_every == 0:
                 pick = torch.randint(len(photos["image"]), (options.photo_batch_size,), generator=state.generator)
                 photo_batch = {name: value[pick.to(value.device)] for name, value in photos.items()}
             metrics = regressor_step(state, objective, renders, photo_batch)

@@ -93,10 +93,12 @@ class Regressor(nn.Module):
             features += channels[-1] * 5  # global average + a 2x2 grid
         else:
             self.cnn = None
-        # Features of very different kinds and scales: normalised per face. Each
-        # output is an MLP of them plus a linear map of them: the linear path
-        # learns the near-linear landmark → shape relations in few steps.
-        self.norm = nn.LayerNorm(features)
+        # Features of very different kinds and scales, standardised with fixed
+        # statistics of the training data (see calibrate). Each output is an MLP
+        # of them plus a linear map of them: the linear path learns the
+        # near-linear landmark → shape relations in few steps.
+        self.register_buffer("feature_mean", torch.zeros(features))
+        self.register_buffer("feature_std", torch.ones(features))
         self.head = nn.Sequential(nn.Linear(features, config.hidden), nn.ReLU(inplace=True),
                                   nn.Linear(config.hidden, config.hidden), nn.ReLU(inplace=True))
         outputs = config.continuous_size + sum(config.style_sizes)
@@ -108,6 +110,13 @@ class Regressor(nn.Module):
         if parser.config != self.config.parsing:
             raise ValueError(f"parser shape {parser.config} differs from the regressor's {self.config.parsing}")
         self.parser.load_state_dict(parser.state_dict())
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, landmarks: torch.Tensor) -> None:
+        """Set the feature standardisation from a sample of training inputs (a few hundred faces)."""
+        features = self.features(images, landmarks)
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(features.std(dim=0).clamp_min(1e-3))
 
     def features(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
@@ -139,7 +148,7 @@ class Regressor(nn.Module):
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns (continuous (B, C) in [0, 1], [style logits (B, n_g) per group])."""
-        features = self.norm(self.features(images, landmarks))
+        features = (self.features(images, landmarks) - self.feature_mean) / self.feature_std
         outputs = self.out(self.head(features)) + self.linear(features)
         continuous, styles = outputs.split([self.config.continuous_size, sum(self.config.style_sizes)], dim=1)
         return torch.sigmoid(continuous), list(styles.split(list(self.config.style_sizes), dim=1))

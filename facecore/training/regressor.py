@@ -66,7 +66,7 @@ class RegressorLossConfig:
     mouth: float = 0.02
     cycle_gamma: float = 1.0  # γ_le of the seed, weight of the reference-identity cycle
     mouth_form: str = "adversarial"  # "adversarial" (a discriminator) or "l1" (the seed's feature form)
-    landmark_noise: float = 0.01  # std of the noise added to renders' input landmarks, as a fraction of the side
+    landmark_noise: float = 0.005  # std of the noise added to renders' input landmarks, as a fraction of the side
     frontal_imitator: bool = True
     grad_clip: float = 5.0
 

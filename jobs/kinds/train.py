@@ -39,7 +39,7 @@ class RegressorLosses(StrictModel):
     mouth: float = Field(0.02, ge=0)  # the neutral render's mouth vs neutral mouths
     cycle_gamma: float = Field(1.0, ge=0)
     mouth_form: Literal["adversarial", "l1"] = "adversarial"
-    landmark_noise: float = Field(0.01, ge=0, le=0.1)  # input-landmark noise on renders, fraction of the side
+    landmark_noise: float = Field(0.005, ge=0, le=0.1)  # input-landmark noise on renders, fraction of the side
 
 
 class TrainOptions(StrictModel):
@@ -52,6 +52,7 @@ class TrainOptions(StrictModel):
     seed: int = 0
     # regressor only
     photo_batch_size: int = Field(8, ge=1)  # photos per step beside batch_size renders
+    photo_every: int = Field(1, ge=1)  # the photo losses every this many steps (they cost more than renders)
     cnn_channels: int = Field(16, ge=0)  # the full-resolution CNN's first width (0: none)
     hidden: int = Field(512, ge=8)
     discriminator_learning_rate: float = Field(2e-4, gt=0)

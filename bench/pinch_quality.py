@@ -38,6 +38,7 @@ from facecore.models.regressor import Regressor
 from facecore.presets import preset_path
 from facecore.rig import default_schema, geometry, reference_face
 from jobs.kinds.pinch import PinchOptions, pinch_config
+from jobs.kinds.recognize import model_inputs
 from jobs.kinds.render import RenderOptions, RenderStage
 from jobs.samples import sample_photos
 
@@ -55,14 +56,8 @@ def aligned_renders(count: int, seed: int, size: int):
 
 
 def tensors(images: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops and landmarks resized to ``size`` as model inputs."""
-    import cv2
-
-    scale = size / images.shape[1]
-    if images.shape[1] != size:
-        images = np.stack([cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA) for image in images])
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
-            torch.from_numpy(np.asarray(landmarks, np.float32) * scale))
+    """Crops and landmarks resized to ``size`` as the jobs' model stages make them."""
+    return model_inputs(list(images), landmarks, size)
 
 
 def recognize(regressor: Regressor, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

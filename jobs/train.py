@@ -148,19 +148,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _render_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Aligned render rows → regressor tensors: image, landmarks (scaled to ``size``), params."""
+    """Aligned rows → regressor tensors as the jobs feed it: image, landmarks (scaled to ``size``), params."""
     from facecore.images import decode_png
+    from jobs.kinds.recognize import model_inputs
 
-    images, points = [], []
-    for data, flat in zip(raw["image"], raw["landmarks"]):
-        image = decode_png(data)
-        scale = size / image.shape[0]
-        if image.shape[0] != size:
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        images.append(image)
-        points.append(np.asarray(flat, np.float32).reshape(68, 2) * scale)
-    tensors = {"image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(device),
-               "landmarks": torch.from_numpy(np.stack(points)).to(device)}
+    crops = [decode_png(data) for data in raw["image"]]
+    landmarks = np.stack([np.asarray(flat, np.float32).reshape(68, 2) for flat in raw["landmarks"]])
+    images, points = model_inputs(crops, landmarks, size, device)
+    tensors = {"image": images, "landmarks": points}
     if "params" in raw:
         tensors["params"] = torch.from_numpy(np.stack([np.asarray(p, np.float32) for p in raw["params"]])).to(device)
     return tensors

@@ -123,6 +123,7 @@ def test_trained_regressor_beats_its_untrained_self_on_held_out_renders(frozen):
     config = RegressorLossConfig(**({other: 0.0 for other in LOSSES} | {"supervised": 1.0, "landmark": 1.0}))
     objective = RegressorObjective(schema, imitator, None, config, SIZE)
     state = _state(schema, parser, discriminator=False)
+    state.modules["regressor"].calibrate(train["image"][:128], train["landmarks"][:128])  # as jobs.train does
     untrained = regressor_eval(state.modules["regressor"], schema, held_out)
     for epoch in range(15):
         for start in range(0, 192, 32):

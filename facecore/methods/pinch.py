@@ -45,10 +45,11 @@ class PinchConfig:
             image, once at the reference face (the starting choice) and once
             after the search (the snap), instead of taking the default and the
             relaxed one-hot's argmax. Costs one forward pass per choice.
-        prior_weight: weight of a pull towards the reference face (mean absolute
-            distance of the continuous parameters from it) added to the loss:
-            parameters the image says little about stay near neutral instead of
-            drifting with the imitator's errors (0 = the seed's plain loss).
+        prior_weight: weight of a pull towards the start (the reference face, or
+            the regressor's answer; mean absolute distance of the continuous
+            parameters from it) added to the loss: parameters the image says
+            little about stay where the better-informed start put them instead
+            of drifting with the imitator's errors (0 = the seed's plain loss).
         hold: continuous parameters kept at their start values.
         landmark_weight: weight of the landmark term (mean distance between the
             rig's landmarks of x, affine-aligned onto the reference face, and the
@@ -175,7 +176,6 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     with torch.no_grad():
         target_features = [t.detach() for t in parser.features(targets)]
     reference = torch.from_numpy(schema.reference_vector()).to(device=device, dtype=targets.dtype)
-    neutral = reference[: schema.continuous_size]  # where the prior pulls
     pose = [schema.continuous_names.index(name) for name in geometry.POSE_NAMES if name in schema.continuous_names]
     use_landmarks = landmarks is not None and config.landmark_weight > 0
     if use_landmarks:
@@ -190,7 +190,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
             shown[:, pose] = reference[pose]
         loss = feature_loss(parser.features(imitator(shown)), target_features)
         if config.prior_weight > 0:
-            loss = loss + config.prior_weight * (vector[:, : schema.continuous_size] - neutral).abs().mean(dim=1)
+            loss = loss + config.prior_weight * (vector[:, : schema.continuous_size] - centre).abs().mean(dim=1)
         if use_landmarks:
             points = geometry.landmarks(geometry.values_from_vector(vector, schema), side)
             loss = loss + config.landmark_weight * landmark_error(points, landmarks, reference_points)
@@ -198,6 +198,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
 
     start = reference.repeat(batch, 1) if start is None else start.to(device=device, dtype=targets.dtype).clone()
     fixed = start[:, held].clone()  # held parameters stay where they start
+    centre = start[:, : schema.continuous_size].clone()  # where the prior pulls
     with torch.no_grad():
         loss_start = loss_of(start)
         if config.try_styles:

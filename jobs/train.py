@@ -244,7 +244,7 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
         if config["photo_rows"] else None
     for epoch in range(state.epoch, options.epochs):
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # per loss: the photo losses are not in every step
         batches = train_shard.iter_batches(batch_size=options.batch_size, batch_format="numpy",
                                            local_shuffle_buffer_size=4 * options.batch_size,
                                            local_shuffle_seed=_epoch_seed(options.seed, rank, epoch))
@@ -259,11 +259,11 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
                 scheduler.step()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
-            count += 1
+                counts[name] = counts.get(name, 0) + 1
         scores = [regressor_eval(state.plain("regressor"), schema, _render_tensors(raw, options.image_size, device))
                   for raw in validation_shard.iter_batches(batch_size=64, batch_format="numpy")]
-        report = {"epoch": epoch, "train_loss": sums.get("total", float("nan")) / max(count, 1),
-                  **{f"loss_{name}": value / max(count, 1) for name, value in sums.items() if name != "total"},
+        report = {"epoch": epoch, "train_loss": sums.get("total", float("nan")) / max(counts.get("total", 0), 1),
+                  **{f"loss_{name}": value / counts[name] for name, value in sums.items() if name != "total"},
                   **({name: float(np.mean([s[name] for s in scores])) for name in scores[0]} if scores else {})}
         report["validation"] = report.get("mae_ratio", float("nan"))
         state.epoch, state.metrics = epoch + 1, report

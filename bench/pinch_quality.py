@@ -96,6 +96,8 @@ def render_figures(found: np.ndarray, truth: np.ndarray, schema) -> dict[str, fl
                "discrete_acc": float(np.mean(correct))}
     for group in ("identity", "expression", "appearance"):
         figures[group] = ratio([i for i in schema.indices(group) if i in free])
+    for group, accuracy in zip(schema.discrete, correct):
+        figures[f"{group.name}_acc"] = float(accuracy)
     return figures
 
 

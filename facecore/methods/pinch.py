@@ -55,6 +55,9 @@ class PinchConfig:
             rig's landmarks of x, affine-aligned onto the reference face, and the
             photo's aligned landmarks, over the reference's eye distance); used
             when landmarks are passed (0 = off).
+        feature_weight: weight of the seed's term, the parser-feature L1 between
+            the imitator's render of x and the photo (0 leaves only the
+            landmark term and the prior).
         frontal_imitator: the imitator learned frontal renders only: it is shown x
             with the pose at the reference, and only the landmark term and the
             prior move the pose.
@@ -73,6 +76,7 @@ class PinchConfig:
     hold: tuple[str, ...] = ()
     landmark_weight: float = 0.0
     frontal_imitator: bool = False
+    feature_weight: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +192,7 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
         if config.frontal_imitator and pose:
             shown = vector.clone()
             shown[:, pose] = reference[pose]
-        loss = feature_loss(parser.features(imitator(shown)), target_features)
+        loss = config.feature_weight * feature_loss(parser.features(imitator(shown)), target_features)
         if config.prior_weight > 0:
             loss = loss + config.prior_weight * (vector[:, : schema.continuous_size] - centre).abs().mean(dim=1)
         if use_landmarks:

@@ -53,6 +53,7 @@ class PinchOptions(AlignOptions):
     # The rig's own landmarks of x, aligned like the photo, against the photo's aligned
     # landmarks: exact geometry for shape and pose; 0 = off.
     landmark_weight: float = Field(1.0, ge=0)
+    feature_weight: float = Field(1.0, ge=0)  # the seed's imitator-feature term
     # Parameters kept where they start. None by default: the landmark term recovers the pose.
     hold: list[str] = Field(default_factory=list)
     # The shipped imitator learned frontal renders: it is shown x with the pose at the
@@ -137,7 +138,8 @@ def pinch_config(options: PinchOptions) -> PinchConfig:
                        patience=options.patience, min_improvement=options.min_improvement,
                        target_loss=options.target_loss, prior_weight=options.prior_weight,
                        try_styles=options.try_styles, hold=tuple(options.hold),
-                       landmark_weight=options.landmark_weight, frontal_imitator=options.frontal_imitator)
+                       landmark_weight=options.landmark_weight, frontal_imitator=options.frontal_imitator,
+                       feature_weight=options.feature_weight)
 
 
 class PinchStage(ModelStage):

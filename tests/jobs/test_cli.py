@@ -27,18 +27,7 @@ def test_bad_spec_exit_code_and_message(tmp_path, capsys):
     assert "resources.batch_size:" in capsys.readouterr().err
 
 
-def _preset_missing(name: str) -> bool:
-    from facecore.presets import preset_path
-
-    try:
-        preset_path(name)
-    except FileNotFoundError:
-        return True
-    return False
-
-
 # The demo's pinch job starts from the shipped regressor (options.init: recognize).
-@pytest.mark.skipif(_preset_missing("regressor"), reason="the preset regressor is not shipped yet")
 def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, tmp_path, capsys):
     import pandas as pd
 

@@ -6,8 +6,8 @@ All in one run on the same models and the same aligned sample photos:
 2. the default stopping rule's mean iterations per image, and the relative gap of
    its final loss to a 400-iteration run of the same optimiser;
 3. the ``pinch`` job on Ray (2 CPUs) vs a plain loop doing the same work in one
-   process: read, detect, align, pinch in batches of 32, encode the preview and
-   the rig render.
+   process: read, detect, align, the regressor's start, pinch in batches of 32,
+   encode the preview and the rig render.
 
 The optimiser settings are the pinch job's defaults. Models default to the
 shipped presets.
@@ -22,7 +22,6 @@ from jobs.loopback import keep_local_ray_on_loopback
 keep_local_ray_on_loopback()  # before ray is imported
 
 import argparse
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,35 +29,39 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from pinch_inputs import align_largest_face, as_batch, pinch_aligner
+from pinch_inputs import align_largest_face, as_batch, pinch_aligner, timed_job
+from pinch_quality import recognize, tensors
 
 from facecore import weights
 from facecore.images import encode_png
 from facecore.methods.pinch import PinchConfig, pinch
 from facecore.models.imitator import Imitator
 from facecore.models.parsing import FaceParser
+from facecore.models.regressor import Regressor
 from facecore.presets import preset_path
 from facecore.rig import Renderer, default_schema
-from jobs.manifest import write_manifest
-from jobs.pipeline import run
 from jobs.samples import sample_photos
 from jobs.kinds.pinch import PinchOptions
-from jobs.spec import parse_spec
 from jobs.kinds.pinch import pinch_config
 
 
-def plain_loop(paths: list[Path], imitator, face_parser, schema, config: PinchConfig, render_size: int) -> int:
+def plain_loop(paths: list[Path], imitator, face_parser, regressor, schema, config: PinchConfig,
+               options: PinchOptions) -> int:
     """What the job does, without Ray: one process, photo by photo then batch by batch."""
-    detector = pinch_aligner(imitator.config.image_size)
+    detector = pinch_aligner(options.size)
     renderer = Renderer(schema)
     written = 0
+    size = imitator.config.image_size
     for start in range(0, len(paths), 32):
-        targets = as_batch([align_largest_face(detector, path).image for path in paths[start:start + 32]])
-        result = pinch(imitator, face_parser, targets, schema, config)
+        faces = [align_largest_face(detector, path) for path in paths[start:start + 32]]
+        images, landmarks = np.stack([f.image for f in faces]), np.stack([f.landmarks for f in faces])
+        begin = torch.from_numpy(recognize(regressor, images, landmarks)) if options.init == "recognize" else None
+        targets, points = tensors(images, landmarks, size)
+        result = pinch(imitator, face_parser, targets, schema, config, start=begin, landmarks=points)
         with torch.no_grad():
             previews = (imitator(torch.from_numpy(result.params)).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1)
         for params, preview in zip(result.params, previews.numpy()):
-            written += len(encode_png(preview)) + len(encode_png(renderer.render(params, render_size).image))
+            written += len(encode_png(preview)) + len(encode_png(renderer.render(params, options.render_size).image))
     return written
 
 
@@ -71,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
+    regressor = weights.load_model(Regressor, preset_path("regressor")).eval()
     imitator_uri = args.imitator or preset_path("imitator")
     parser_uri = args.parser or preset_path("parser")
     imitator = weights.load_model(Imitator, imitator_uri).eval()
@@ -101,25 +105,11 @@ def main() -> None:
     print(f"default stop: {stopped.iterations.mean():.1f} iterations per image; loss gap to 400 iterations {gap:+.2%}")
 
     started = time.perf_counter()
-    plain_loop(paths, imitator, face_parser, schema, default, options.render_size)
+    plain_loop(paths, imitator, face_parser, regressor, schema, default, options)
     plain_seconds = time.perf_counter() - started
 
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        manifest = Path(scratch) / "m.parquet"
-        write_manifest([str(p) for p in paths], str(manifest), keys=[f"k{i:05d}" for i in range(len(paths))])
-        spec = parse_spec({"kind": "pinch", "input": {"manifest": str(manifest)},
-                           "output": {"path": str(Path(scratch) / "out")},
-                           "models": {"imitator": imitator_uri, "parser": parser_uri},
-                           "options": {"size": size},
-                           "resources": {"batch_size": 32, "concurrency": 1}})
-        started = time.perf_counter()
-        summary = run(spec, progress=False)
-        job_seconds = time.perf_counter() - started
-    ray.shutdown()
+    summary, job_seconds = timed_job({"kind": "pinch", "models": {"imitator": imitator_uri, "parser": parser_uri},
+                                      "resources": {"batch_size": 32, "concurrency": 1}}, paths)
     assert summary.ok_rows == len(paths), summary
     print(f"pinch job on Ray: {len(paths) / job_seconds:.2f} img/s; plain loop {len(paths) / plain_seconds:.2f}")
     print(f"RESULT batched_ips={batched_ips:.2f} sequential_ips={sequential_ips:.2f} "

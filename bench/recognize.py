@@ -17,14 +17,13 @@ from jobs.loopback import keep_local_ray_on_loopback
 keep_local_ray_on_loopback()  # before ray is imported
 
 import argparse  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from pinch_inputs import align_largest_face, pinch_aligner  # noqa: E402
+from pinch_inputs import align_largest_face, pinch_aligner, timed_job  # noqa: E402
 from pinch_quality import pinch_from, recognize  # noqa: E402
 
 from facecore import weights  # noqa: E402
@@ -35,10 +34,7 @@ from facecore.models.regressor import Regressor  # noqa: E402
 from facecore.presets import preset_path  # noqa: E402
 from facecore.rig import Renderer, default_schema  # noqa: E402
 from jobs.kinds.pinch import PinchOptions, pinch_config  # noqa: E402
-from jobs.manifest import write_manifest  # noqa: E402
-from jobs.pipeline import run  # noqa: E402
 from jobs.samples import sample_photos  # noqa: E402
-from jobs.spec import parse_spec  # noqa: E402
 
 
 def plain_loop(paths: list[Path], regressor: Regressor, render_size: int) -> int:
@@ -92,21 +88,8 @@ def main() -> None:
     plain_loop(paths, regressor, options.render_size)
     plain_seconds = time.perf_counter() - started
 
-    import ray
-
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        manifest = Path(scratch) / "m.parquet"
-        write_manifest([str(p) for p in paths], str(manifest), keys=[f"k{i:05d}" for i in range(len(paths))])
-        spec = parse_spec({"kind": "recognize", "input": {"manifest": str(manifest)},
-                           "output": {"path": str(Path(scratch) / "out")},
-                           "models": {"regressor": regressor_uri},
-                           "resources": {"batch_size": 32, "concurrency": 1}})
-        started = time.perf_counter()
-        summary = run(spec, progress=False)
-        job_seconds = time.perf_counter() - started
-    ray.shutdown()
+    summary, job_seconds = timed_job({"kind": "recognize", "models": {"regressor": regressor_uri},
+                                      "resources": {"batch_size": 32, "concurrency": 1}}, paths)
     assert summary.ok_rows == len(paths), summary
     print(f"recognize job on Ray: {len(paths) / job_seconds:.2f} faces/s; plain loop {len(paths) / plain_seconds:.2f}")
     print(f"RESULT recognize_fps={recognize_fps:.1f} pinch_fps={pinch_fps:.2f} speedup={recognize_fps / pinch_fps:.0f} "

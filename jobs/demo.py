@@ -1,10 +1,10 @@
-"""The demo: an align job and a pinch job over real sample photos and broken files.
+"""The demo: align, recognize and pinch jobs over real sample photos and broken files.
 
 Everything runs on embedded defaults: a local Ray, local files, dlib's packaged
-models and the imitator and parser the project ships (``facecore.presets``). The
-inputs are the sample photos of :mod:`jobs.samples` plus the bad-input corpus, so
-the output shows every status a real job produces; the pinch output gets an HTML
-contact sheet.
+models and the imitator, parser and regressor the project ships
+(``facecore.presets``). The inputs are the sample photos of :mod:`jobs.samples`
+plus the bad-input corpus, so the output shows every status a real job produces;
+the recognize and pinch outputs get an HTML contact sheet each.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ def prepare_demo(folder: Path) -> list[Path]:
         "options": {"faces": "all", "size": 256},
         "resources": {"concurrency": 2, "batch_size": 4},
     }
+    recognize = {
+        "kind": "recognize",  # no models: the shipped preset
+        "input": {"manifest": str(folder / "manifest.parquet")},
+        "output": {"path": str(folder / "recognize")},
+        "options": {"faces": "all"},
+        "resources": {"concurrency": 1, "batch_size": 8},
+    }
     pinch = {
         "kind": "pinch",  # no models: the shipped presets
         "input": {"manifest": str(folder / "manifest.parquet")},
@@ -44,7 +51,7 @@ def prepare_demo(folder: Path) -> list[Path]:
         "resources": {"concurrency": 1, "batch_size": 8},
     }
     paths = []
-    for name, document in (("align", spec), ("pinch", pinch)):
+    for name, document in (("align", spec), ("recognize", recognize), ("pinch", pinch)):
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         paths.append(path)
@@ -62,6 +69,6 @@ def run_demo(folder: Path, progress: bool = True) -> list[tuple[Path, RunSummary
         spec = load_spec(spec_path)
         summary = run(spec, progress=progress)
         results.append((spec_path, summary))
-        if spec.kind == "pinch":
-            print(f"pinch contact sheet: {write_report(spec.output.path)}")
+        if spec.kind in ("recognize", "pinch"):
+            print(f"{spec.kind} contact sheet: {write_report(spec.output.path)}")
     return results

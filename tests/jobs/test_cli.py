@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import yaml
 
@@ -33,8 +34,8 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
 
     assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "== align" in out and "== pinch" in out
-    for job in ("aligned", "pinch"):
+    assert "== align" in out and "== recognize" in out and "== pinch" in out
+    for job in ("aligned", "recognize", "pinch"):
         frame = pd.read_parquet(tmp_path / "demo" / job)
         # 6 photos + 15 corpus files (two faces in one), GIF87a now among the ok rows; HEIC says unsupported.
         assert len(frame) == 21 and (frame.status == "ok").sum() == 13
@@ -43,6 +44,12 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
     ok = pinched[pinched.status == "ok"]
     assert (ok.loss_end < ok.loss_start).all() and (ok.iterations <= 100).all()
     assert (tmp_path / "demo" / "pinch" / "_report.html").is_file()
+    assert (tmp_path / "demo" / "recognize" / "_report.html").is_file()
+    recognized = pd.read_parquet(tmp_path / "demo" / "recognize")
+    # The pinch search starts where recognize ended, face for face.
+    starts = pinched[pinched.status == "ok"].set_index(["uri", "face_index"]).init_params
+    found = recognized[recognized.status == "ok"].set_index(["uri", "face_index"]).params
+    assert all(np.allclose(starts[key], found[key], atol=1e-5) for key in found.index)
 
 
 def test_a_driver_inside_a_cluster_joins_it_as_it_is(monkeypatch):

@@ -55,6 +55,8 @@ class PinchConfig:
             rig's landmarks of x, affine-aligned onto the reference face, and the
             photo's aligned landmarks, over the reference's eye distance); used
             when landmarks are passed (0 = off).
+        search_styles: False keeps each discrete group at the start's choice
+            (e.g. the regressor's); ``try_styles`` is then ignored.
         feature_weight: weight of the seed's term, the parser-feature L1 between
             the imitator's render of x and the photo (0 leaves only the
             landmark term and the prior).
@@ -77,6 +79,7 @@ class PinchConfig:
     landmark_weight: float = 0.0
     frontal_imitator: bool = False
     feature_weight: float = 1.0
+    search_styles: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,11 +208,16 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
     centre = start[:, : schema.continuous_size].clone()  # where the prior pulls
     with torch.no_grad():
         loss_start = loss_of(start)
-        if config.try_styles:
+        if config.try_styles and config.search_styles:
             start, _ = _try_styles(loss_of, start, loss_start, schema)
     variables = _Parameters(schema, start, config)
-    optimiser = torch.optim.Adam(variables.parameters(), lr=config.learning_rate)
+    searched = [variables.continuous] + (list(variables.logits) if config.search_styles else [])
+    optimiser = torch.optim.Adam(searched, lr=config.learning_rate)
     best = loss_start.clone()
+    # The lowest loss each image reached and the variables that reached it: the
+    # result is the best point of the search, not where the stop rule caught it.
+    lowest = loss_start.clone()
+    kept = [p.detach().clone() for p in variables.parameters()]
     stale = torch.zeros(batch, dtype=torch.long, device=device)
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     active = loss_start > config.target_loss
@@ -231,15 +239,25 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
             for parameter, before in zip(variables.parameters(), frozen):
                 parameter[~active] = before[~active]  # finished images stay put
             iterations += active.long()
+            lower = (losses.detach() < lowest) & active  # measured at the variables before this step
+            lowest = torch.where(lower, losses.detach(), lowest)
+            for keep, before in zip(kept, frozen):
+                keep[lower] = before[lower]
             improved = losses < best * (1.0 - config.min_improvement)
             best = torch.where(improved & active, losses.detach(), best)
             stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
             active &= (stale < config.patience) & (losses.detach() > config.target_loss)
     with torch.no_grad():
+        for parameter, keep in zip(variables.parameters(), kept):
+            parameter.copy_(keep)
         final = variables.vector(snapped=True)
         loss_end = loss_of(final)
-        if config.try_styles:
+        if config.try_styles and config.search_styles:
             final, loss_end = _try_styles(loss_of, final, loss_end, schema)
+        # Snapping the styles can undo a gain: never return worse than the start.
+        worse = loss_end > loss_start
+        final = torch.where(worse[:, None], start, final)
+        loss_end = torch.where(worse, loss_start, loss_end)
     params = final.detach().cpu().numpy().astype(np.float32)
     return PinchResult(
         params=params,

@@ -1,4 +1,4 @@
-"""The models the project ships: a frontal 64-px imitator and face parser, and the regressor.
+"""The models the project ships: a 64-px imitator (every pose, aligned), a face parser and the regressor.
 
 Built by ``scripts/train-presets`` (the render, align and ``facejobs train`` specs
 in ``presets/``) and committed as config.json + model.safetensors folders. A

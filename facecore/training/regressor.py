@@ -24,9 +24,10 @@ The seed's losses, for an aligned photo ``I`` and ``y' = R(I)``, with the imitat
 We add the landmark loss: the rig's own landmarks of ``y'`` (exact geometry),
 affine-aligned like the photo, against the photo's aligned landmarks.
 
-The imitator shipped so far learned frontal renders: with ``frontal_imitator`` it
-is always shown the reference pose (the photo's alignment removes most of the
-pose's effect anyway; what is left, the landmark loss sees).
+An imitator that learned frontal renders only is, with ``frontal_imitator``, always
+shown the reference pose (the photo's alignment removes most of the pose's effect
+anyway; what is left, the landmark loss sees). The shipped one learned aligned
+renders at every pose and is shown the predicted pose.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class RegressorLossConfig:
     cycle_gamma: float = 1.0  # γ_le of the seed, weight of the reference-identity cycle
     mouth_form: str = "adversarial"  # "adversarial" (a discriminator) or "l1" (the seed's feature form)
     landmark_noise: float = 0.005  # std of the noise added to renders' input landmarks, as a fraction of the side
-    frontal_imitator: bool = True
+    frontal_imitator: bool = False
     grad_clip: float = 5.0
 
     def __post_init__(self) -> None:

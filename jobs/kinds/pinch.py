@@ -45,30 +45,53 @@ class PinchOptions(AlignOptions):
     patience: int = Field(12, ge=1)
     min_improvement: float = Field(2e-3, ge=0)
     target_loss: float = Field(0.0, ge=0)
-    prior_weight: float = Field(0.1, ge=0)  # pull towards the reference face; 0 = the seed's plain loss
-    try_styles: bool = True  # choose discrete styles by trying each one (start and snap)
+    prior_weight: float = Field(0.3, ge=0)  # pull towards where the search starts; 0 = the seed's plain loss
+    try_styles: bool = True  # with styles: search, choose each style by trying every one (start and snap)
     render_size: int = Field(128, ge=32, le=1024)  # side of the rig renders of the start and the result
     # Where the search starts: the regressor's vectors (models.regressor), or the reference face.
     init: Literal["recognize", "reference"] = "recognize"
     # The rig's own landmarks of x, aligned like the photo, against the photo's aligned
     # landmarks: exact geometry for shape and pose; 0 = off.
-    landmark_weight: float = Field(1.0, ge=0)
+    landmark_weight: float = Field(5.0, ge=0)
     feature_weight: float = Field(1.0, ge=0)  # the seed's imitator-feature term
-    # Parameters kept where they start. None by default: the landmark term recovers the pose.
-    hold: list[str] = Field(default_factory=list)
-    # The shipped imitator learned frontal renders: it is shown x with the pose at the
-    # reference, and only the landmark term and the prior move the pose.
-    frontal_imitator: bool = True
+    # Continuous parameters, or whole groups (identity, expression, pose, appearance),
+    # kept where they start. Default: the appearance when starting from recognize (the
+    # parser's features are trained to ignore colour, so the search cannot judge it
+    # and only drifts), nothing when starting from the reference face.
+    hold: list[str] | None = None
+    # search: the relaxed one-hots (and try_styles); keep: the start's styles.
+    # Default: keep the regressor's styles, search from the reference face.
+    styles: Literal["search", "keep"] | None = None
+    # An imitator that learned frontal renders only (the presets before issue 12) is
+    # shown x with the pose at the reference; only the landmark term and the prior move it.
+    frontal_imitator: bool = False
 
     @field_validator("hold")
     @classmethod
-    def _hold_in_rig(cls, value: list[str]) -> list[str]:
+    def _hold_in_rig(cls, value: list[str] | None) -> list[str] | None:
+        from facecore.rig import default_schema
+        from facecore.rig.schema import PARAM_GROUPS
+
+        unknown = sorted(set(value or ()) - set(default_schema().continuous_names) - set(PARAM_GROUPS))
+        if unknown:
+            raise ValueError(f"{unknown} are neither continuous parameters nor groups ({', '.join(PARAM_GROUPS)}) "
+                             f"of the rig")
+        return value
+
+    def held_parameters(self) -> tuple[str, ...]:
+        """``hold`` with groups expanded and the default applied."""
         from facecore.rig import default_schema
 
-        unknown = sorted(set(value) - set(default_schema().continuous_names))
-        if unknown:
-            raise ValueError(f"{unknown} are not continuous parameters of the rig")
-        return value
+        schema = default_schema()
+        names = self.hold if self.hold is not None else (["appearance"] if self.init == "recognize" else [])
+        expanded: list[str] = []
+        for name in names:
+            group = [p.name for p in schema.continuous if p.group == name]
+            expanded += group or [name]
+        return tuple(dict.fromkeys(expanded))
+
+    def search_styles(self) -> bool:
+        return (self.styles or ("keep" if self.init == "recognize" else "search")) == "search"
 
 
 class PinchModels(StrictModel):
@@ -137,7 +160,8 @@ def pinch_config(options: PinchOptions) -> PinchConfig:
     return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
                        patience=options.patience, min_improvement=options.min_improvement,
                        target_loss=options.target_loss, prior_weight=options.prior_weight,
-                       try_styles=options.try_styles, hold=tuple(options.hold),
+                       try_styles=options.try_styles, hold=options.held_parameters(),
+                       search_styles=options.search_styles(),
                        landmark_weight=options.landmark_weight, frontal_imitator=options.frontal_imitator,
                        feature_weight=options.feature_weight)
 

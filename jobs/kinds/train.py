@@ -40,6 +40,7 @@ class RegressorLosses(StrictModel):
     cycle_gamma: float = Field(1.0, ge=0)
     mouth_form: Literal["adversarial", "l1"] = "adversarial"
     landmark_noise: float = Field(0.005, ge=0, le=0.1)  # input-landmark noise on renders, fraction of the side
+    frontal_imitator: bool = False  # the imitator learned frontal renders only: show it the reference pose
 
 
 class TrainOptions(StrictModel):

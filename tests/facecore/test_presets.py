@@ -34,7 +34,16 @@ def test_presets_fit_the_rig():
         preset_path("gan")
 
 
-def test_imitator_preset_imitates_the_renderer(renders):
+def test_imitator_preset_imitates_the_renderer():
+    # What it learned: renders at every pose aligned like photos, 128 px resized to 64.
+    import cv2
+
+    from tests.facecore.test_regressor import aligned_renders
+
+    drawn = aligned_renders(48, seed=2024, size=128)
+    small = np.stack([cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
+                      for image in (drawn["image"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)])
+    renders = {"params": drawn["params"], "image": torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0}
     imitator = weights.load_model(Imitator, preset_path("imitator")).eval()
     torch.manual_seed(0)
     untrained = Imitator(imitator.config).eval()

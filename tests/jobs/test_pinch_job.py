@@ -140,7 +140,7 @@ def test_every_face_of_a_group_photo_lands_in_one_part(ray_cluster, photos, chec
 
 
 def test_pinch_spec_knows_its_held_parameters(tmp_path):
-    with pytest.raises(SpecError, match=r"options\.hold: \['tail'\] are not continuous parameters"):
+    with pytest.raises(SpecError, match=r"options\.hold: \['tail'\] are neither continuous parameters nor groups"):
         parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
                     "models": {"imitator": "i", "parser": "p"}, "options": {"hold": ["yaw", "tail"]}})
 
@@ -152,10 +152,11 @@ def test_pinch_spec_start_and_landmark_options():
     base = {"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}}
     options = parse_spec(base).options
     assert (options.init, options.landmark_weight, options.hold, options.frontal_imitator) == \
-        ("recognize", 1.0, [], True)
+        ("recognize", 5.0, None, False)
     config = pinch_config(parse_spec({**base, "options": {"landmark_weight": 0.5, "hold": ["roll"],
-                                                          "frontal_imitator": False}}).options)
-    assert (config.landmark_weight, config.hold, config.frontal_imitator) == (0.5, ("roll",), False)
+                                                          "frontal_imitator": True, "styles": "search"}}).options)
+    assert (config.landmark_weight, config.hold, config.frontal_imitator, config.search_styles) == \
+        (0.5, ("roll",), True, True)
     # Lineage (and the rerun guard) hashes the regressor only when the search starts from it.
     models = {"imitator": "/m/i", "parser": "/m/p"}
     started = parse_spec({**base, "models": {**models, "regressor": "/m/r/"}})

@@ -75,8 +75,20 @@ def test_relative_local_paths_are_relative_to_the_spec_file(tmp_path, monkeypatc
 def test_pinch_defaults_to_the_shipped_models_and_the_regressors_start():
     spec = parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"}})
     assert spec.models.imitator is None and spec.models.parser is None and spec.models.regressor is None
-    assert spec.options.init == "recognize" and spec.options.landmark_weight == 1.0
-    assert spec.options.hold == [] and spec.options.frontal_imitator and spec.options.method == "affine68"
+    options = spec.options
+    assert options.init == "recognize" and options.landmark_weight == 5.0 and options.prior_weight == 0.3
+    assert not options.frontal_imitator and options.method == "affine68"
+    # From the regressor: appearance held, styles kept; from the reference face: everything searched.
+    from facecore.rig import default_schema
+
+    appearance = tuple(p.name for p in default_schema().continuous if p.group == "appearance")
+    assert options.held_parameters() == appearance and not options.search_styles()
+    reference = parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
+                            "options": {"init": "reference", "hold": ["pose", "smile"]}}).options
+    assert reference.held_parameters() == ("yaw", "pitch", "roll", "smile") and reference.search_styles()
+    with pytest.raises(SpecError, match=r"options\.hold.*\['mood'\] are neither"):
+        parse_spec({"kind": "pinch", "input": {"manifest": "m.csv"}, "output": {"path": "o"},
+                    "options": {"hold": ["mood"]}})
     with pytest.raises(SpecError, match=r"data\.photo_repeat"):
         parse_spec({"kind": "train", "model": "parser", "data": {"renders": "r", "photo_repeat": 0},
                     "output": {"path": "o"}})

@@ -230,7 +230,8 @@ def _optimise(imitator: nn.Module, parser: nn.Module, targets: torch.Tensor, sch
                 group["lr"] = config.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
         frozen = [p.detach().clone() for p in variables.parameters()]
         optimiser.zero_grad(set_to_none=True)
-        losses = loss_of(variables.vector())
+        # Kept styles stay exact one-hots; searched ones are relaxed.
+        losses = loss_of(variables.vector(snapped=not config.search_styles))
         losses.sum().backward()  # a sum, so each image's gradient is its own
         optimiser.step()
         with torch.no_grad():

@@ -41,7 +41,9 @@ class PinchOptions(AlignOptions):
     method: Literal["similarity5", "affine68"] = "affine68"  # SPEC.md §4 aligns with 68 points
     size: int = Field(128, ge=32, le=2048)  # side of the stored aligned crop
     max_iterations: int = Field(100, ge=0)
-    learning_rate: float = Field(0.1, gt=0)
+    # Adam's step on x. Default: 0.02 from the regressor's start (a refinement: larger
+    # steps overshoot and the stop rule ends the search), 0.1 from the reference face.
+    learning_rate: float | None = Field(None, gt=0)
     patience: int = Field(12, ge=1)
     min_improvement: float = Field(2e-3, ge=0)
     target_loss: float = Field(0.0, ge=0)
@@ -157,7 +159,8 @@ def pinch_config(options: PinchOptions) -> PinchConfig:
     """The optimiser settings of a pinch spec's options."""
     from facecore.methods.pinch import PinchConfig
 
-    return PinchConfig(max_iterations=options.max_iterations, learning_rate=options.learning_rate,
+    rate = options.learning_rate or (0.02 if options.init == "recognize" else 0.1)
+    return PinchConfig(max_iterations=options.max_iterations, learning_rate=rate,
                        patience=options.patience, min_improvement=options.min_improvement,
                        target_loss=options.target_loss, prior_weight=options.prior_weight,
                        try_styles=options.try_styles, hold=options.held_parameters(),

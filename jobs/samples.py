@@ -250,3 +250,22 @@ def photo_copies(photos: dict[str, Path], folder: Path, count: int, start: int =
             shutil.copyfile(source, path)
         paths.append(path)
     return paths
+
+
+def aligned_renders(count: int, seed: int, size: int):
+    """Rig renders at random poses aligned like photos, as the render job makes them (``align: affine68``).
+
+    Returns (images (N, S, S, 3) uint8, landmarks (N, 68, 2) float32 in the crop, vectors (N, D) float32).
+    For tests and benches that need known truth without running a job.
+    """
+    import numpy as np
+
+    from facecore.images import decode_png
+    from jobs.kinds.render import RenderOptions, RenderStage
+
+    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68"))
+    table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
+                   "status": ["ok"] * count, "error": [None] * count})
+    images = np.stack([decode_png(data.as_py()) for data in table.column("image")])
+    landmarks = np.array(table.column("landmarks").to_pylist(), np.float32).reshape(count, 68, 2)
+    return images, landmarks, np.array(table.column("params").to_pylist(), np.float32)

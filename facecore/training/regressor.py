@@ -42,6 +42,8 @@ from torch import nn
 
 from facecore.losses import identity_loss, landmark_error
 from facecore.methods.pinch import feature_loss
+from facecore.models.identity import IdentityScorer
+from facecore.models.regressor import Regressor
 from facecore.rig import geometry
 from facecore.rig.schema import RigSchema
 
@@ -116,6 +118,7 @@ class RegressorObjective:
                 module.eval()
                 for weight in module.parameters():
                     weight.requires_grad_(False)
+        self.identity_scorer = IdentityScorer(identity, "cpu") if identity is not None else None
         self.size = image_size
         self.g_size = imitator.config.image_size
         reference = torch.from_numpy(schema.reference_vector()).float()
@@ -141,6 +144,7 @@ class RegressorObjective:
         self.imitator.to(device)
         if self.identity is not None:
             self.identity.to(device)
+            self.identity_scorer = IdentityScorer(self.identity, device)
         return self
 
     # -- pieces ------------------------------------------------------------------
@@ -194,13 +198,8 @@ class RegressorObjective:
         return (continuous - self.neutral).pow(2).mean()
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        from facecore.face.transform import dlib_chip_matrix
-        from facecore.face.warp_torch import warp_affine
-
-        size = self.identity.config.input_size
-        points = landmarks.detach().cpu().numpy()
-        matrices = torch.from_numpy(np.stack([dlib_chip_matrix(p, size) for p in points])).to(images.device)
-        return self.identity(warp_affine(images * 255.0, matrices, size))
+        """F_reg descriptors of (B, 3, S, S) images in [0, 1] at their (B, 68, 2) landmarks."""
+        return self.identity_scorer.embed(images * 255.0, landmarks.detach().cpu().numpy())
 
 
 def regressor_step(state, objective: RegressorObjective, renders: Mapping[str, torch.Tensor] | None,
@@ -227,7 +226,7 @@ def regressor_step(state, objective: RegressorObjective, renders: Mapping[str, t
             noise = torch.randn(noisy.shape, generator=state.generator).to(noisy.device)
             noisy = noisy + cfg.landmark_noise * objective.size * noise
         continuous, logits = regressor(renders["image"], noisy)
-        vectors = regressor_soft(continuous, logits)
+        vectors = Regressor.soft_vectors(continuous, logits)
         if cfg.supervised > 0:
             terms["supervised"] = objective.supervised(continuous, logits, renders["params"])
         if cfg.landmark > 0:
@@ -235,7 +234,7 @@ def regressor_step(state, objective: RegressorObjective, renders: Mapping[str, t
     fake_mouths = None
     if photos is not None:
         continuous, logits = regressor(photos["image"], photos["landmarks"])
-        vectors = regressor_soft(continuous, logits)
+        vectors = Regressor.soft_vectors(continuous, logits)
         if cfg.landmark > 0:
             terms["landmark"] = terms.get("landmark", 0.0) + objective.landmark(vectors, photos["landmarks"])
         if cfg.content > 0:
@@ -319,10 +318,6 @@ def discriminator_step(state, objective: RegressorObjective, fake_mouths: torch.
     optimiser.step()
     state.steps["discriminator"] += 1
     return float(loss.detach())
-
-
-def regressor_soft(continuous: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([continuous] + [torch.softmax(block, dim=1) for block in logits], dim=1)
 
 
 def _pad16(images: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from facecore import weights
-from facecore.images import decode_png
 from facecore.models.imitator import Imitator, ImitatorConfig
 from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.models.regressor import Regressor, regressor_for_rig
@@ -23,16 +22,12 @@ SIZE = 64
 
 
 def aligned_renders(count: int, seed: int, size: int = SIZE) -> dict[str, torch.Tensor]:
-    """Rig renders at random poses, aligned like photos (the render job's align: affine68)."""
-    from jobs.kinds.render import RenderOptions, RenderStage
+    """Rig renders at random poses, aligned like photos, as model tensors."""
+    from jobs.samples import aligned_renders as renders
 
-    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68"))
-    table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
-                   "status": ["ok"] * count, "error": [None] * count})
-    images = np.stack([decode_png(data.as_py()) for data in table.column("image")])
+    images, landmarks, params = renders(count, seed, size)
     return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
-            "landmarks": torch.tensor(table.column("landmarks").to_pylist()).view(count, 68, 2),
-            "params": torch.tensor(table.column("params").to_pylist())}
+            "landmarks": torch.from_numpy(landmarks), "params": torch.from_numpy(params)}
 
 
 @pytest.fixture(scope="module")

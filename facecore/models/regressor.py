@@ -4,14 +4,19 @@ Inputs are what the align stage produces for every photo: the crop aligned onto
 the rig's reference face (``image_size``, 128 px by default) and the face's 68
 landmarks in that crop. Three sets of features feed one MLP head:
 
-- ``F_seg``, the face parser (the seed's feature extractor), run at the size it
-  was trained at: each encoder stage averaged over space, plus, per parsing class,
-  its area and mean colour under the parser's soft labels (the geometry and
-  per-region colour SPEC.md §3.6 found carry most parameters);
+- ``F_seg``, the face parser's encoder (the seed's feature extractor), run at
+  the size it was trained at, each stage averaged over space;
 - a small strided CNN on the full-resolution crop, for what 64 px cannot show
   (bench/rig_visibility.py: seven parameters are invisible at 64, three at 128);
 - the landmarks, as offsets from the reference face's, which pin down the shape
-  parameters directly whatever the lighting or colours.
+  parameters directly whatever the lighting or colours;
+- what the landmarks point at (:func:`landmark_samples`): each brow sampled in a
+  strip along it at full resolution (the brow styles differ by a pixel or two of
+  outline at 128 px, which global pooling averages away), and the colour at
+  fixed places of the face (cheeks, forehead, hair above and beside the head,
+  chin, upper lip, lips, eyes, background), which carry the appearance, hair
+  and beard. They replace the parser's per-class areas and colours, whose
+  decoder cost more than half of the whole forward pass.
 
 Outputs: continuous parameters in [0, 1] (sigmoid) and one logit vector per
 discrete style group; :meth:`Regressor.vectors` turns them into flat rig vectors
@@ -77,6 +82,62 @@ def _down(in_channels: int, channels: int) -> nn.Sequential:
                          group_norm(channels), nn.ReLU(inplace=True))
 
 
+# Places sampled for their colour, each on the line through two landmarks a, b:
+# (a, b, t) is a + t (b - a); t < 0 lies beyond a, away from b.
+_COLOUR_PLACES: tuple[tuple[int, int, float], ...] = (
+    (1, 29, 0.5), (15, 29, 0.5),        # cheeks
+    (27, 30, -1.2), (27, 30, -2.2),     # forehead, hairline
+    (27, 30, -3.2),                     # hair on top
+    (0, 16, -0.12), (16, 0, -0.12),     # beside the temples: hair or background
+    (3, 13, -0.15), (13, 3, -0.15),     # beside the jaw: long hair or background
+    (8, 57, -0.8),                      # under the chin: neck, long beard
+    (8, 57, 0.5), (5, 48, 0.5), (11, 54, 0.5),  # chin and jaw: beard
+    (33, 51, 0.5),                      # upper lip: moustache
+    (51, 62, 0.5), (57, 66, 0.5), (62, 66, 0.5),  # lips, mouth
+    (37, 40, 0.5), (43, 46, 0.5),       # eyes
+    (28, 30, 0.5),                      # nose
+)
+_BROW_ALONG, _BROW_ACROSS = 9, 9
+LANDMARK_SAMPLES = 3 * (len(_COLOUR_PLACES) + 2) + 2 * 3 * _BROW_ALONG * _BROW_ACROSS
+
+
+def landmark_samples(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """What the landmarks point at: (B, LANDMARK_SAMPLES) colours in [0, 1].
+
+    The colour (mean over about 5x5 px) at each of ``_COLOUR_PLACES`` and at two background
+    corners, then each brow as a strip of ``_BROW_ACROSS`` x ``_BROW_ALONG`` samples
+    at full resolution: along the brow's five landmarks from its inner end, and
+    across it vertically over ±0.25 of the brow's length (the band's outline is
+    the brow style).
+    """
+    batch, _, height, width = images.shape
+    scale = landmarks.new_tensor([2.0 / width, 2.0 / height])
+
+    def sample(source: torch.Tensor, points: torch.Tensor) -> torch.Tensor:  # points (B, ..., 2) in pixels
+        grid = ((points + 0.5) * scale - 1.0).reshape(batch, 1, -1, 2)  # pixel centres, align_corners=False
+        return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False).flatten(1)
+
+    ends = torch.tensor([place[:2] for place in _COLOUR_PLACES], device=landmarks.device)
+    t = landmarks.new_tensor([place[2] for place in _COLOUR_PLACES])[None, :, None]
+    a, b = landmarks[:, ends[:, 0]], landmarks[:, ends[:, 1]]
+    corners = landmarks.new_tensor([[4.0, 4.0], [width - 5.0, 4.0]]).expand(batch, 2, 2)
+    places = torch.cat([a + t * (b - a), corners], dim=1)  # (B, P, 2)
+    # The mean of a 3x3 grid of samples 2 px apart, not a blurred copy of the image: as steady, a tenth the work.
+    spread = torch.stack(torch.meshgrid(*[torch.tensor([-2.0, 0.0, 2.0])] * 2, indexing="xy"), dim=-1).view(9, 2)
+    around = places[:, :, None] + spread.to(places)  # (B, P, 9, 2)
+    colours = sample(images, around).view(batch, 3, -1, 9).mean(dim=3).flatten(1)
+
+    strips = []
+    across = torch.linspace(-0.25, 0.25, _BROW_ACROSS, device=images.device, dtype=images.dtype)
+    for brow in (landmarks[:, 17:22].flip(1), landmarks[:, 22:27]):  # inner end first on both sides
+        along = F.interpolate(brow.transpose(1, 2), size=_BROW_ALONG, mode="linear", align_corners=True)
+        length = (brow[:, 1:] - brow[:, :-1]).norm(dim=2).sum(dim=1)  # (B,)
+        vertical = torch.stack([torch.zeros_like(across), across])  # (2, C)
+        points = along.transpose(1, 2)[:, None] + (vertical.T[None] * length[:, None, None])[:, :, None]  # (B, C, A, 2)
+        strips.append(sample(images, points))
+    return torch.cat([colours] + strips, dim=1)
+
+
 class Regressor(nn.Module):
     """(B, 3, S, S) aligned crops in [0, 1] + (B, 68, 2) landmarks in pixels → parameters."""
 
@@ -86,7 +147,7 @@ class Regressor(nn.Module):
         self.parser = FaceParser(config.parsing)
         self.register_buffer("reference", torch.tensor(config.reference_landmarks, dtype=torch.float32).view(68, 2))
         widths = [config.parser_base_channels * 2 ** (i + 1) for i in range(config.parser_stages)]
-        features = sum(widths) + 4 * config.parser_classes + 136
+        features = sum(widths) + 136 + LANDMARK_SAMPLES
         if config.cnn_channels > 0:
             channels = [config.cnn_channels * min(2 ** i, 8) for i in range(5)]
             self.cnn = nn.Sequential(_down(3, channels[0]), *[_down(a, b) for a, b in zip(channels, channels[1:])])
@@ -126,25 +187,14 @@ class Regressor(nn.Module):
             raise ValueError(f"expected landmarks of shape ({images.shape[0]}, 68, 2), got {tuple(landmarks.shape)}")
         small = images if self.config.parser_size == size else F.interpolate(
             images, size=self.config.parser_size, mode="bilinear", antialias=True, align_corners=False)
-        stages = self.parser.encode(small)
-        pooled = [stage.mean(dim=(2, 3)) for stage in stages[1:]]
-        probabilities = torch.softmax(self._parse(stages), dim=1)  # (B, K, s, s)
-        area = probabilities.mean(dim=(2, 3))  # (B, K)
-        colour = torch.einsum("bkhw,bchw->bkc", probabilities, small) / (area[..., None] * small.shape[2] ** 2 + 1e-4)
-        offsets = (landmarks.to(images.dtype) - self.reference) / size * 8.0  # about unit scale
-        parts = pooled + [area, colour.flatten(1), offsets.flatten(1)]
+        pooled = [stage.mean(dim=(2, 3)) for stage in self.parser.encode(small)[1:]]
+        landmarks = landmarks.to(images.dtype)
+        offsets = (landmarks - self.reference) / size * 8.0  # about unit scale
+        parts = pooled + [offsets.flatten(1), landmark_samples(images, landmarks)]
         if self.cnn is not None:
             grid = self.cnn(images)
             parts += [grid.mean(dim=(2, 3)), F.adaptive_avg_pool2d(grid, 2).flatten(1)]
         return torch.cat(parts, dim=1)
-
-    def _parse(self, stages: list[torch.Tensor]) -> torch.Tensor:
-        """The parser's decoder on features already encoded (the same as ``parser(small)``)."""
-        x = stages[-1]
-        for block, skip in zip(self.parser.decoder, reversed(stages[:-1])):
-            x = F.interpolate(x, size=skip.shape[2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
-        return self.parser.classify(x)
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns (continuous (B, C) in [0, 1], [style logits (B, n_g) per group])."""

@@ -135,7 +135,7 @@ def _shape(v: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         "ear_size": 1.0 + 0.3 * d("ear_size"),
         "ear_y": y_side + 0.30 - 0.12 * d("ear_height"),
         "ear_out": 0.10 + 0.08 * d("ear_protrusion"),
-        "brow_thickness": 1.0 + 0.45 * d("brow_thickness"),
+        "brow_thickness": 1.0 + 0.3 * d("brow_thickness"),
         "bridge_width": 0.07 * (1.0 + 0.5 * d("nose_bridge_width")),
         "iris": 0.24 * (1.0 + 0.4 * d("iris_size")),
         "hair_volume": float(v["hair_volume"]),
@@ -291,7 +291,10 @@ def _draw(v: Mapping[str, Any], size: int) -> RigRender:
         else:  # stubble
             region = np.concatenate([points[3:14], points[[54]] + [0.05, -0.05, 0], points[[33]] + [0, 0.05, 0],
                                      points[[48]] + [-0.05, -0.05, 0]])
-        colour = _lerp(skin, hair, 0.25 if beard == "stubble" else 0.85)
+        # Stubble is a shadow, darker than the skin even under fair hair, so that
+        # it shows against a clean-shaven chin at any skin tone.
+        colour = (_lerp(skin, np.minimum(hair, skin * 0.5), 0.4) if beard == "stubble"
+                  else _lerp(skin, hair, 0.85))
         canvas.fill(project(region), colour, C["face"] if beard == "stubble" else C["hair"])
 
     # 6. eyes: socket shadow, sclera, iris, pupil, lid line
@@ -313,20 +316,28 @@ def _draw(v: Mapping[str, Any], size: int) -> RigRender:
         canvas.line(eye[0:4], colours["pupil"], max(1, round(size / 90)))
         canvas.line(np.concatenate([eye[3:6], eye[0:1]]), skin * 0.6, max(1, round(size / 256)))
 
-    # 7. brows: a band around the brow landmarks, shaped by the style
-    profile = {
-        "straight": np.array([0.7, 0.85, 0.9, 0.9, 0.8]),
-        "arched": np.array([0.5, 0.9, 1.0, 0.8, 0.5]),
-        "angled": np.array([1.0, 0.95, 0.8, 0.55, 0.35]),
-        "thin": np.array([0.35, 0.45, 0.45, 0.4, 0.3]),
+    # 7. brows: a band around the brow landmarks (they always lie inside it),
+    # its upper and lower edges shaped by the style so that each style shows at
+    # 128 px whatever brow_thickness and brow_arch do: straight is an even bar
+    # with its edges pulled flat, arched a crescent thin at both ends, angled a
+    # wedge from a thick inner end up to a peak two thirds along and down to a
+    # point, thin a line (thinner at the thickest brow_thickness than straight
+    # at the thinnest).
+    upper, lower = {  # half-widths above and below the landmarks, inner end first
+        "straight": ([0.95] * 5, [0.95] * 5),
+        "arched": ([0.2, 1.2, 1.6, 1.2, 0.2], [0.2, 0.35, 0.35, 0.35, 0.2]),
+        "angled": ([1.0, 1.2, 1.4, 1.6, 0.1], [1.6, 1.2, 0.7, 0.2, 0.05]),
+        "thin": ([0.35, 0.4, 0.4, 0.35, 0.28], [0.35, 0.4, 0.4, 0.35, 0.28]),
     }[v["brow_style"]]
     half = 0.05 * extra["brow_thickness"]
-    for brow_index, cls, order in ((slice(17, 22), C["right_brow"], slice(None)),
-                                   (slice(22, 27), C["left_brow"], slice(None, None, -1))):
+    for brow_index, cls, order in ((slice(17, 22), C["right_brow"], slice(None, None, -1)),
+                                   (slice(22, 27), C["left_brow"], slice(None))):
         brow = points[brow_index]
-        thickness_profile = profile[order] * half
-        band = np.concatenate([brow - [0, 1, 0] * thickness_profile[:, None],
-                               (brow + [0, 1, 0] * thickness_profile[:, None])[::-1]])
+        up, down = (np.array(widths)[order] * half for widths in (upper, lower))
+        if v["brow_style"] == "straight":  # both edges towards the chord between the brow's ends
+            rise = brow[:, 1] - np.linspace(brow[0, 1], brow[-1, 1], len(brow))  # < 0 where it arches up
+            up, down = np.maximum(up + rise, 0.3 * half), np.maximum(down - rise, 0.3 * half)
+        band = np.concatenate([brow - [0, 1, 0] * up[:, None], (brow + [0, 1, 0] * down[:, None])[::-1]])
         canvas.fill(project(band), colours["brow"], cls)
 
     # 8. mouth: inside, teeth, lips

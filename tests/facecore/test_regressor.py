@@ -46,6 +46,36 @@ def frozen():
     return schema, imitator, parser, DlibResNet.from_dat()
 
 
+def test_landmark_samples_see_the_brow_style_and_follow_the_landmarks():
+    from facecore.models.regressor import LANDMARK_SAMPLES, landmark_samples
+    from facecore.rig import Renderer, reference_face
+
+    schema, renderer = default_schema(), Renderer()
+    reference = schema.reference_vector().astype(np.float32)
+    landmarks = torch.from_numpy(reference_face(128).landmarks).float()[None].repeat(5, 1, 1)
+    styles = schema.group_slice("brow_style")
+    vectors = []
+    for choice in range(styles.stop - styles.start):
+        vector = reference.copy()
+        vector[styles] = np.eye(styles.stop - styles.start)[choice]
+        vectors.append(vector)
+    smile = reference.copy()
+    smile[schema.continuous_names.index("smile")] = 1.0
+    vectors.append(smile)
+    images = torch.from_numpy(np.stack([renderer.render(v, 128).image for v in vectors])).permute(0, 3, 1, 2) / 255.0
+    samples = landmark_samples(images.float(), landmarks)
+    assert samples.shape == (5, LANDMARK_SAMPLES)
+    brows = samples[:, -2 * 3 * 81:]
+    # every pair of brow styles differs in the strips by far more than a smile does
+    smile_change = (brows[4] - brows[0]).abs().mean()
+    style_changes = [(brows[a] - brows[b]).abs().mean() for a in range(4) for b in range(a + 1, 4)]
+    assert smile_change < 0.01 and min(style_changes) > 0.02, (smile_change, style_changes)
+    # the samples move with the face: shift image and landmarks by whole pixels, same samples
+    shifted = torch.roll(images.float(), shifts=(3, -2), dims=(2, 3))
+    moved = landmark_samples(shifted, landmarks + torch.tensor([-2.0, 3.0]))
+    assert torch.allclose(moved[:, -2 * 3 * 81:], brows, atol=1e-5)
+
+
 def _state(schema, parser, seed=0, lr=3e-3, discriminator=True):
     torch.manual_seed(seed)
     regressor = regressor_for_rig(schema, parser, image_size=SIZE, parser_size=32, cnn_channels=4, hidden=32)

@@ -98,35 +98,49 @@ _COLOUR_PLACES: tuple[tuple[int, int, float], ...] = (
     (28, 30, 0.5),                      # nose
 )
 _BROW_ALONG, _BROW_ACROSS = 9, 9
-LANDMARK_SAMPLES = 3 * (len(_COLOUR_PLACES) + 2) + 2 * 3 * _BROW_ALONG * _BROW_ACROSS
+_LUMINANCE = torch.tensor([0.299, 0.587, 0.114])
+LANDMARK_SAMPLES = 3 * (len(_COLOUR_PLACES) + 2) + 2 * _BROW_ALONG * _BROW_ACROSS
+
+
+def place_colours(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """(B, 3, P) mean colours (over about 5x5 px at 128) at ``_COLOUR_PLACES`` and two background corners.
+
+    ``landmarks`` are in the pixels of ``images``, whatever their side: the places
+    and the spread of the samples scale with it.
+    """
+    batch, width = images.shape[0], images.shape[3]
+    ends = torch.tensor([place[:2] for place in _COLOUR_PLACES], device=landmarks.device)
+    t = landmarks.new_tensor([place[2] for place in _COLOUR_PLACES])[None, :, None]
+    a, b = landmarks[:, ends[:, 0]], landmarks[:, ends[:, 1]]
+    unit = width / 128.0
+    corners = landmarks.new_tensor([[4.0, 4.0], [123.0, 4.0]]).mul(unit).expand(batch, 2, 2)
+    places = torch.cat([a + t * (b - a), corners], dim=1)  # (B, P, 2)
+    # The mean of a 3x3 grid of samples 2 px apart, not a blurred copy of the image: as steady, a tenth the work.
+    spread = torch.stack(torch.meshgrid(*[torch.tensor([-2.0, 0.0, 2.0])] * 2, indexing="xy"), dim=-1).view(9, 2)
+    around = places[:, :, None] + spread.to(places) * unit  # (B, P, 9, 2)
+    return _sample(images, around).view(batch, 3, -1, 9).mean(dim=3)
+
+
+def _sample(images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of ``images`` at ``points`` (B, ..., 2) in pixels: (B, 3, N) flattened over the points."""
+    batch, _, height, width = images.shape
+    grid = (points + 0.5) * points.new_tensor([2.0 / width, 2.0 / height]) - 1.0  # pixel centres
+    return F.grid_sample(images, grid.reshape(batch, 1, -1, 2), mode="bilinear", padding_mode="border",
+                         align_corners=False).flatten(2)
 
 
 def landmark_samples(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     """What the landmarks point at: (B, LANDMARK_SAMPLES) colours in [0, 1].
 
-    The colour (mean over about 5x5 px) at each of ``_COLOUR_PLACES`` and at two background
-    corners, then each brow as a strip of ``_BROW_ACROSS`` x ``_BROW_ALONG`` samples
-    at full resolution: along the brow's five landmarks from its inner end, and
-    across it vertically over ±0.25 of the brow's length (the band's outline is
-    the brow style).
+    The colours of :func:`place_colours`, then each brow as a strip of
+    ``_BROW_ACROSS`` x ``_BROW_ALONG`` samples at full resolution: along the brow's
+    five landmarks from its inner end, and across it vertically over ±0.25 of the
+    brow's length. The strips are luminance with each strip's own mean and
+    contrast taken out: they carry the outline (the brow style) and nothing of
+    the colour. With colour, the regressor read the hair colour off the brows (the
+    rig tints brows with the hair) and, on photos, whose brows are softer and
+    lighter against the skin, called dark-haired people blond.
     """
-    batch, _, height, width = images.shape
-    scale = landmarks.new_tensor([2.0 / width, 2.0 / height])
-
-    def sample(source: torch.Tensor, points: torch.Tensor) -> torch.Tensor:  # points (B, ..., 2) in pixels
-        grid = ((points + 0.5) * scale - 1.0).reshape(batch, 1, -1, 2)  # pixel centres, align_corners=False
-        return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False).flatten(1)
-
-    ends = torch.tensor([place[:2] for place in _COLOUR_PLACES], device=landmarks.device)
-    t = landmarks.new_tensor([place[2] for place in _COLOUR_PLACES])[None, :, None]
-    a, b = landmarks[:, ends[:, 0]], landmarks[:, ends[:, 1]]
-    corners = landmarks.new_tensor([[4.0, 4.0], [width - 5.0, 4.0]]).expand(batch, 2, 2)
-    places = torch.cat([a + t * (b - a), corners], dim=1)  # (B, P, 2)
-    # The mean of a 3x3 grid of samples 2 px apart, not a blurred copy of the image: as steady, a tenth the work.
-    spread = torch.stack(torch.meshgrid(*[torch.tensor([-2.0, 0.0, 2.0])] * 2, indexing="xy"), dim=-1).view(9, 2)
-    around = places[:, :, None] + spread.to(places)  # (B, P, 9, 2)
-    colours = sample(images, around).view(batch, 3, -1, 9).mean(dim=3).flatten(1)
-
     strips = []
     across = torch.linspace(-0.25, 0.25, _BROW_ACROSS, device=images.device, dtype=images.dtype)
     for brow in (landmarks[:, 17:22].flip(1), landmarks[:, 22:27]):  # inner end first on both sides
@@ -134,8 +148,10 @@ def landmark_samples(images: torch.Tensor, landmarks: torch.Tensor) -> torch.Ten
         length = (brow[:, 1:] - brow[:, :-1]).norm(dim=2).sum(dim=1)  # (B,)
         vertical = torch.stack([torch.zeros_like(across), across])  # (2, C)
         points = along.transpose(1, 2)[:, None] + (vertical.T[None] * length[:, None, None])[:, :, None]  # (B, C, A, 2)
-        strips.append(sample(images, points))
-    return torch.cat([colours] + strips, dim=1)
+        luminance = torch.einsum("bcn,c->bn", _sample(images, points), _LUMINANCE.to(images))
+        centred = luminance - luminance.mean(dim=1, keepdim=True)
+        strips.append(centred / (centred.std(dim=1, keepdim=True) + 0.02))
+    return torch.cat([place_colours(images, landmarks).flatten(1)] + strips, dim=1)
 
 
 class Regressor(nn.Module):

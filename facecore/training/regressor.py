@@ -46,6 +46,7 @@ from facecore.models.identity import IdentityScorer
 from facecore.models.regressor import Regressor
 from facecore.rig import geometry
 from facecore.rig.schema import RigSchema
+from facecore.training.state import no_sync
 
 LOSSES = ("supervised", "landmark", "content", "identity", "prior", "cycle", "mouth")
 
@@ -285,7 +286,7 @@ def regressor_step(state, objective: RegressorObjective, renders: Mapping[str, t
     discriminator = state.modules.get("discriminator")
     # The discriminator is not updated in this phase: its gradients are neither
     # kept nor synchronised across workers.
-    with _no_sync(discriminator):
+    with no_sync(discriminator):
         total.backward()
     if discriminator is not None:
         discriminator.zero_grad(set_to_none=True)
@@ -324,18 +325,6 @@ def _pad16(images: torch.Tensor) -> torch.Tensor:
     """Resize crops to a parser-friendly square (sides a multiple of 16)."""
     return F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
 
-
-class _no_sync:
-    """``module.no_sync()`` for a DDP-wrapped module; nothing otherwise."""
-
-    def __init__(self, module: nn.Module | None) -> None:
-        self.context = module.no_sync() if module is not None and hasattr(module, "no_sync") else None
-
-    def __enter__(self):
-        return self.context.__enter__() if self.context is not None else None
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc) if self.context is not None else False
 
 
 @torch.no_grad()

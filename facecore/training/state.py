@@ -18,6 +18,7 @@ holds them all and writes them as one checkpoint folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,3 +150,19 @@ def is_complete(folder: str) -> bool:
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             return False
     return True
+
+
+@contextlib.contextmanager
+def no_sync(*modules: nn.Module | None):
+    """Backward passes inside neither synchronise nor (under DDP) all-reduce the gradients of ``modules``.
+
+    For the networks a phase does not update (a GAN's discriminators in the
+    generator's step, and back): their gradients are dropped afterwards, so
+    synchronising them would be wasted traffic. Modules that are not DDP-wrapped,
+    and None, are passed over.
+    """
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            if module is not None and hasattr(module, "no_sync"):
+                stack.enter_context(module.no_sync())
+        yield

@@ -272,8 +272,8 @@ def aligned_renders(count: int, seed: int, size: int):
 
 
 def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: float = 0.05):
-    """Rig pairs of one identity with two expressions (:func:`facecore.rig.pairs.expression_pairs`),
-    each face aligned like a photo, as the render job makes them (``align: affine68``).
+    """Rig pairs of one identity with two expressions, each face aligned like a photo, as the render
+    job makes them (``pairs: expression``, ``align: affine68``).
 
     Returns (source, target), each (images (N, S, S, 3) uint8, landmarks (N, 68, 2)
     float32 in the crop, vectors (N, D) float32). For tests and benches that need a
@@ -282,18 +282,16 @@ def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: floa
     import numpy as np
 
     from facecore.images import decode_png
-    from facecore.rig import default_schema
-    from facecore.rig.pairs import expression_pairs
     from jobs.kinds.render import RenderOptions, RenderStage
 
-    schema = default_schema()
-    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68"))
-    halves = []
-    for values in expression_pairs(schema, np.random.default_rng(seed), count, pose_jitter):
-        vectors = [schema.encode(v).tolist() for v in values]
-        table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": vectors,
-                       "status": ["ok"] * count, "error": [None] * count})
-        halves.append((np.stack([decode_png(data.as_py()) for data in table.column("image")]),
-                       np.array(table.column("landmarks").to_pylist(), np.float32).reshape(count, 68, 2),
-                       np.array(table.column("params").to_pylist(), np.float32)))
-    return halves[0], halves[1]
+    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68", pairs="expression",
+                                      pose_jitter=pose_jitter))
+    table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
+                   "status": ["ok"] * count, "error": [None] * count})
+
+    def half(prefix: str):
+        return (np.stack([decode_png(data.as_py()) for data in table.column(f"{prefix}image")]),
+                np.array(table.column(f"{prefix}landmarks").to_pylist(), np.float32).reshape(count, 68, 2),
+                np.array(table.column(f"{prefix}params").to_pylist(), np.float32))
+
+    return half(""), half("target_")

@@ -9,15 +9,15 @@ never taken from exactly the same angle).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from facecore.rig.schema import RigSchema
 
 
-def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int,
-                     pose_jitter: float = 0.05) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int, pose_jitter: float = 0.05,
+                     fixed: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``count`` (source, target) parameter sets of one identity each.
 
     Args:
@@ -26,6 +26,7 @@ def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int,
         count: pairs to draw.
         pose_jitter: the target's pose parameters are the source's moved by up to
             this much each (uniform, in the [0, 1] parameter scale, clipped).
+        fixed: parameters held at a value in both faces (as :meth:`RigSchema.sample`).
 
     Returns:
         (sources, targets), lists of named values as :meth:`RigSchema.sample` gives.
@@ -35,13 +36,15 @@ def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int,
     names = schema.continuous_names
     expression = [names[i] for i in schema.indices("expression")]
     pose = [names[i] for i in schema.indices("pose")]
-    sources = schema.sample(rng, count)
-    expressions = schema.sample(rng, count)  # exclusive pairs already resolved within each draw
+    fixed = dict(fixed or {})
+    sources = schema.sample(rng, count, fixed)
+    expressions = schema.sample(rng, count, fixed)  # exclusive pairs already resolved within each draw
     shifts = rng.uniform(-pose_jitter, pose_jitter, size=(count, len(pose)))
     targets = []
     for source, fresh, shift in zip(sources, expressions, shifts):
         target = dict(source)
         target.update({name: fresh[name] for name in expression})
-        target.update({name: float(np.clip(source[name] + delta, 0.0, 1.0)) for name, delta in zip(pose, shift)})
+        target.update({name: float(np.clip(source[name] + delta, 0.0, 1.0)) for name, delta in zip(pose, shift)
+                       if name not in fixed})
         targets.append(target)
     return sources, targets

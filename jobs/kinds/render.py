@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from facecore.images import encode_png
 from jobs.kinds.base import JobKind, StageSpec
@@ -31,6 +31,11 @@ class RenderOptions(StrictModel):
     # aligned for pinch and recognize: training data that looks like their inputs
     # at every pose.
     align: Literal["none", "affine68"] = "none"
+    # "expression": each row is a pair of one identity (facecore.rig.pairs): the
+    # render above and a `target_*` render with the expression drawn afresh and
+    # the pose moved by up to ±pose_jitter; expression transfer's training data.
+    pairs: Literal["none", "expression"] = "none"
+    pose_jitter: float = Field(0.05, ge=0.0, le=1.0)
 
     @field_validator("rig")
     @classmethod
@@ -73,6 +78,12 @@ class RenderJob(StrictModel):
     resources: ResourcesSpec = ResourcesSpec()
     limits: LimitsSpec = LimitsSpec()
 
+    @model_validator(mode="after")
+    def _pairs_are_sampled(self) -> "RenderJob":
+        if self.options.pairs != "none" and self.input is not None:
+            raise ValueError("options.pairs draws each pair from the seed; it cannot be used with an input manifest")
+        return self
+
 
 RENDER_FIELD_DOCS = {
     "params": "flat rig vector; slot names in facejobs.params",
@@ -80,6 +91,9 @@ RENDER_FIELD_DOCS = {
     "mask": "PNG bytes of the parsing mask, one Helen class index per pixel (facejobs.mask_classes)",
     "landmarks": "68 iBUG landmarks in pixels, flattened x0,y0,x1,y1,...",
     "size": "image side in pixels",
+    "target_params": "options.pairs only: the pair's second face, the same person with another expression",
+    "target_image": "options.pairs only: PNG of the second face's render",
+    "target_landmarks": "options.pairs only: the second face's 68 landmarks, flattened x0,y0,x1,y1,...",
 }
 
 RENDER_SCHEMA = pa.schema(
@@ -94,6 +108,13 @@ RENDER_SCHEMA = pa.schema(
         pa.field("size", pa.int32()),
     ]
 )
+
+
+RENDER_PAIR_SCHEMA = pa.schema(list(RENDER_SCHEMA) + [
+    pa.field("target_params", pa.list_(pa.float32())),
+    pa.field("target_image", pa.binary()),
+    pa.field("target_landmarks", pa.list_(pa.float32())),
+])
 
 
 class RenderStage:
@@ -132,6 +153,21 @@ class RenderStage:
         rng = np.random.default_rng([self.options.seed, index])
         return self.schema.encode(self.schema.sample(rng, 1, self.options.fixed)[0])
 
+    def pair_for(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``index``'s (source, target) vectors, drawn from (seed, index) alone."""
+        from facecore.rig.pairs import expression_pairs
+
+        rng = np.random.default_rng([self.options.seed, index])
+        (source,), (target,) = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed)
+        return self.schema.encode(source), self.schema.encode(target)
+
+    def _draw(self, vector: np.ndarray):
+        render = self.renderer.render(vector, self.options.size)
+        image, mask, landmarks = render.image, render.mask, render.landmarks
+        if self.options.align == "affine68":
+            image, mask, landmarks = self._aligned(image, mask, landmarks)
+        return image, mask, landmarks
+
     def __call__(self, batch: Batch) -> pa.Table:
         cols = columns(batch)
         rows = []
@@ -141,17 +177,21 @@ class RenderStage:
                 rows.append({"key": key, "status": cols["status"][i], "error": cols["error"][i]})
                 continue
             given = cols["params"][i]
-            vector = np.asarray(given, np.float32) if given is not None else self.params_for(int(cols["index"][i]))
+            target = None
+            if given is not None:
+                vector = np.asarray(given, np.float32)
+            elif self.options.pairs == "expression":
+                vector, target = self.pair_for(int(cols["index"][i]))
+            else:
+                vector = self.params_for(int(cols["index"][i]))
             try:
-                render = self.renderer.render(vector, self.options.size)
-                image, mask, landmarks = render.image, render.mask, render.landmarks
-                if self.options.align == "affine68":
-                    image, mask, landmarks = self._aligned(image, mask, landmarks)
+                image, mask, landmarks = self._draw(vector)
+                drawn_target = None if target is None else self._draw(target)
             except Exception as exc:  # a parameter set the renderer cannot draw
                 rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
                              "params": vector.tolist()})
                 continue
-            rows.append({
+            row = {
                 "key": key,
                 "status": OK,
                 "error": None,
@@ -160,8 +200,13 @@ class RenderStage:
                 "mask": encode_png(mask),
                 "landmarks": np.asarray(landmarks).ravel().tolist(),
                 "size": self.options.size,
-            })
-        return pa.Table.from_pylist(rows, schema=RENDER_SCHEMA)
+            }
+            if drawn_target is not None:
+                row.update(target_params=target.tolist(), target_image=encode_png(drawn_target[0]),
+                           target_landmarks=np.asarray(drawn_target[2]).ravel().tolist())
+            rows.append(row)
+        schema = RENDER_PAIR_SCHEMA if self.options.pairs != "none" else RENDER_SCHEMA
+        return pa.Table.from_pylist(rows, schema=schema)
 
 
 

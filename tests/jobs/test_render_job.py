@@ -44,6 +44,24 @@ def test_fixed_parameters_are_held():
     assert len({tuple(r["params"]) for r in rows}) == 20
 
 
+def test_expression_pairs_share_the_person_and_are_drawn_per_row():
+    schema = default_schema()
+    options = RenderOptions(count=6, size=64, seed=2, align="affine68", pairs="expression", pose_jitter=0.05,
+                            fixed={"hair_style": "bob"})
+    stage = RenderStage(options)
+    rows = stage(sampled_render_rows(6, 2)).to_pylist()
+    expression = set(schema.indices("expression").tolist())
+    for row in rows:
+        source, target = np.array(row["params"]), np.array(row["target_params"])
+        differs = {i for i in range(schema.continuous_size) if source[i] != target[i]}
+        assert differs - expression <= set(schema.indices("pose").tolist()) and differs & expression
+        assert schema.decode(target)["hair_style"] == "bob"
+        assert decode_png(row["target_image"]).shape == (64, 64, 3) and len(row["target_landmarks"]) == 136
+        assert row["target_image"] != row["image"]
+    alone = stage(sampled_render_rows(6, 2).slice(4, 1)).to_pylist()[0]
+    assert alone["target_params"] == rows[4]["target_params"] and alone["target_image"] == rows[4]["target_image"]
+
+
 @pytest.mark.ray
 def test_render_job_writes_images_masks_landmarks(ray_cluster, tmp_path):
     summary = run(parse_spec(_spec(tmp_path / "out")), progress=False)
@@ -63,6 +81,13 @@ def test_render_job_writes_images_masks_landmarks(ray_cluster, tmp_path):
     assert again.ok_rows == 24
     second = pd.read_parquet(tmp_path / "again").set_index("key").loc[frame.key]
     assert (second.image.values == frame.image.values).all()
+
+    pairs = run(parse_spec(_spec(tmp_path / "pairs", pairs="expression", count=8)), progress=False)
+    assert pairs.ok_rows == 8
+    paired = pd.read_parquet(tmp_path / "pairs").set_index("key")
+    assert paired.target_image.notna().all() and (paired.target_image != paired.image).all()
+    pair_metadata = pq.read_schema(next((tmp_path / "pairs").glob("part-*.parquet"))).metadata
+    assert "target_params" in json.loads(pair_metadata[b"facejobs.columns"])
 
 
 @pytest.mark.ray
@@ -93,8 +118,17 @@ def test_render_job_from_a_parameter_manifest(ray_cluster, tmp_path):
         ({"fixed": {"yaw": 2.0}}, r"options\.fixed: yaw: 2\.0 is outside"),
         ({"size": 4}, r"options\.size: .*greater than or equal to 16"),
         ({"rig": "/nonexistent/rig.yaml"}, r"options\.rig: cannot read rig schema"),
+        ({"pairs": "pose"}, r"options\.pairs: "),
+        ({"pose_jitter": 1.5}, r"options\.pose_jitter: "),
     ],
 )
 def test_render_spec_errors(tmp_path, options, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(_spec(tmp_path, **options))
+
+
+def test_pairs_need_sampled_renders(tmp_path):
+    spec = _spec(tmp_path / "out", pairs="expression")
+    spec["input"] = {"manifest": str(tmp_path / "params.parquet")}
+    with pytest.raises(SpecError, match="options.pairs"):
+        parse_spec(spec)

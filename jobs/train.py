@@ -275,6 +275,107 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
+def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> dict[str, torch.Tensor]:
+    """A block of expression pairs (a ``pairs: expression`` render job's rows) as G and its critics take them."""
+    from facecore.images import decode_png
+    from facecore.models.expression import heatmaps
+    from jobs.kinds.recognize import model_inputs
+
+    batch = {}
+    for prefix, name in (("", "source"), ("target_", "target")):
+        crops = [decode_png(data) for data in raw[f"{prefix}image"]]
+        points = np.array([np.asarray(p, np.float32) for p in raw[f"{prefix}landmarks"]]).reshape(len(crops), 68, 2)
+        images, landmarks = model_inputs(crops, points, config.image_size)
+        batch[name] = images.to(device)
+        batch[f"{name}_maps"] = heatmaps(landmarks, config).to(device)
+    return batch
+
+
+def expression_loop_per_worker(config: dict[str, Any]) -> None:
+    """Expression transfer's G, D_id and D_e on Ray Train (SPEC.md §1): a TrainState per worker.
+
+    The first ``options.pretrain_steps`` updates train the discriminators alone on
+    real pairs (the seed's pre-training); the GAN's alternating steps follow. Each
+    epoch reports G's L1 on held-out pairs and, for scale, the L1 of copying the
+    source unchanged (``l1_copy_ratio``: below 1 is better than no transfer).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from facecore.models.expression import (ExpressionConfig, ExpressionDiscriminator, ExpressionGenerator,
+                                            IdentityDiscriminator)
+    from facecore.training.expression import ExpressionLossConfig, gan_step, pretrain_step
+    from facecore.training.state import TrainState
+
+    spec = TrainJob.model_validate(config["spec"])
+    options = spec.options
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    model_config = ExpressionConfig(image_size=options.image_size, base_channels=options.base_channels,
+                                    residual_blocks=options.residual_blocks, heatmap_mode=options.heatmap_mode,
+                                    heatmap_sigma=options.heatmap_sigma)
+    losses = ExpressionLossConfig(**options.expression_losses.model_dump())
+    torch.manual_seed(options.seed)  # every rank starts from the same weights
+    modules = {"generator": ExpressionGenerator(model_config).to(device),
+               "identity_discriminator": IdentityDiscriminator(model_config).to(device),
+               "expression_discriminator": ExpressionDiscriminator(model_config).to(device)}
+    optimisers = {name: torch.optim.Adam(module.parameters(), betas=(0.5, 0.999),
+                                         lr=options.learning_rate if name == "generator"
+                                         else options.discriminator_learning_rate)
+                  for name, module in modules.items()}
+    steps_per_epoch = max(1, config["train_rows"] // (options.batch_size * spec.resources.num_workers))
+    total_steps = steps_per_epoch * options.epochs
+    schedule = (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))) \
+        if options.schedule == "cosine" else (lambda step: 1.0)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+                  for name, optimiser in optimisers.items()}
+    generator = torch.Generator().manual_seed(_epoch_seed(options.seed, rank, options.epochs + 1))
+    state = TrainState(modules, optimisers, schedulers, generator=generator)
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.load(folder, device)
+    for name in list(state.modules):
+        state.modules[name] = ray.train.torch.prepare_model(state.modules[name])
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    for epoch in range(state.epoch, options.epochs):
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        batches = train_shard.iter_batches(batch_size=options.batch_size, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * options.batch_size,
+                                           local_shuffle_seed=_epoch_seed(options.seed, rank, epoch))
+        for raw in batches:
+            batch = _pair_tensors(raw, model_config, device)
+            pretraining = state.steps["identity_discriminator"] < options.pretrain_steps
+            metrics = (pretrain_step if pretraining else gan_step)(state, batch, losses)
+            for name in (("identity_discriminator", "expression_discriminator") if pretraining else state.schedulers):
+                state.schedulers[name].step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+        plain = state.plain("generator").eval()
+        error = copied = faces = 0.0
+        with torch.no_grad():
+            for raw in validation_shard.iter_batches(batch_size=32, batch_format="numpy"):
+                batch = _pair_tensors(raw, model_config, device)
+                result, _ = plain(batch["source"], batch["source_maps"], batch["target_maps"])
+                error += float((result - batch["target"]).abs().mean()) * len(result)
+                copied += float((batch["source"] - batch["target"]).abs().mean()) * len(result)
+                faces += len(result)
+        report = {"epoch": epoch, **{f"loss_{name}": value / counts[name] for name, value in sums.items()}}
+        if faces:
+            report.update(l1=error / faces, l1_copy_ratio=error / max(copied, 1e-12))
+        report["validation"] = report.get("l1_copy_ratio", float("nan"))
+        state.epoch, state.metrics = epoch + 1, report
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                state.save(os.path.join(folder, "state"))
+                checkpoint = ray.train.Checkpoint.from_directory(os.path.join(folder, "state"))
+            ray.train.report(report, checkpoint=checkpoint)
+
+
 def _parts(location, field: str) -> list[str]:
     """Paths of a job output's committed parts (listed afresh, as a resume lists them)."""
     if not location.fs.exists(location.path):
@@ -339,7 +440,15 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     # most of the CPUs, never starve the tasks that feed them.
     io = {"num_cpus": 0.25}
     columns = {"imitator": ["key", "status", "params", "image", "mask"], "parser": ["key", "status", "image", "mask"],
-               "regressor": ["key", "status", "params", "image", "landmarks"]}[spec.model]
+               "regressor": ["key", "status", "params", "image", "landmarks"],
+               "expression": ["key", "status", "image", "landmarks", "target_image", "target_landmarks"]}[spec.model]
+    if spec.model == "expression":
+        import pyarrow.parquet as pq
+
+        with location.arrow_fs.open_input_file(parts[0]) as handle:
+            if "target_image" not in pq.read_schema(handle).names:
+                raise ValueError(f"data.renders: {location.uri} holds single renders; model: expression trains on "
+                                 "pairs (a render job with options.pairs: expression)")
     dataset = ray.data.read_parquet(parts, filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
     photo_rows_count, photo_data = 0, None
@@ -392,9 +501,10 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
             datasets["photos"] = photo_data  # not split: every worker draws from all of them
         execution = ray.data.ExecutionOptions()
         execution.preserve_order = True  # a fixed seed gives a fixed data order (exact resume)
-        regressor = spec.model == "regressor"
+        on_state = spec.model in ("regressor", "expression")  # TrainState loops: best and last checkpoints
+        loop = {"regressor": regressor_loop_per_worker, "expression": expression_loop_per_worker}
         trainer = TorchTrainer(
-            regressor_loop_per_worker if regressor else train_loop_per_worker,
+            loop.get(spec.model, train_loop_per_worker),
             # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
             # complete checkpoint of an earlier run itself.
             train_loop_config={"spec": spec.model_dump(), "param_dim": default_schema().vector_size,
@@ -409,7 +519,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
                 # Ray keeps the latest checkpoint besides the best one(s).
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=spec.options.best_metric,
-                    checkpoint_score_order=spec.options.best_mode) if regressor else None),
+                    checkpoint_score_order=spec.options.best_mode) if on_state else None),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
         )
@@ -418,7 +528,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
     exported = {MODEL_DIR: (checkpoint, metrics)}
-    if spec.model == "regressor":
+    if spec.model in ("regressor", "expression"):
         best = _best_checkpoint(storage_path, name, output.arrow_fs, spec.options.best_metric, spec.options.best_mode)
         if best is not None:
             exported[BEST_DIR] = best
@@ -436,6 +546,10 @@ def _load_trained(model: str, folder: str) -> torch.nn.Module:
 
     if model == "regressor":
         return weights.load_model(Regressor, os.path.join(folder, "regressor"))
+    if model == "expression":
+        from facecore.models.expression import ExpressionGenerator
+
+        return weights.load_model(ExpressionGenerator, os.path.join(folder, "generator"))
     return weights.load_model(Imitator if model == "imitator" else FaceParser, os.path.join(folder, MODEL_DIR))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs.kinds.base import JobKind
 from jobs.spec import OutputSpec, StorageSpec, StrictModel, check_uri
@@ -43,6 +43,14 @@ class RegressorLosses(StrictModel):
     frontal_imitator: bool = False  # the imitator learned frontal renders only: show it the reference pose
 
 
+class ExpressionLosses(StrictModel):
+    """Loss weights of ``model: expression`` (SPEC.md §1); see facecore.training.expression."""
+
+    gan: float = Field(0.5, ge=0)  # λ_GAN: fooling D_id and D_e
+    l1: float = Field(1.0, ge=0)  # λ_c: ||I_t - Î_t||1 against the pair's true second face
+    mismatched_negatives: bool = True  # D_e also learns a real face with another's landmarks is a mismatch
+
+
 class TrainOptions(StrictModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
@@ -58,6 +66,12 @@ class TrainOptions(StrictModel):
     hidden: int = Field(512, ge=8)
     discriminator_learning_rate: float = Field(2e-4, gt=0)
     losses: RegressorLosses = RegressorLosses()
+    # expression only
+    residual_blocks: int = Field(4, ge=0)  # G's bottleneck
+    heatmap_mode: Literal["single", "groups", "points"] = "groups"
+    heatmap_sigma: float = Field(1.5, gt=0)  # blob size in pixels at 64 px, scaled with image_size
+    pretrain_steps: int = Field(100, ge=0)  # D_id and D_e alone on real pairs before the GAN (the seed's pre-training)
+    expression_losses: ExpressionLosses = ExpressionLosses()
     # The validation figure that picks the `best` checkpoint, and which way is better.
     best_metric: str = "validation"
     best_mode: Literal["min", "max"] = "min"
@@ -85,13 +99,21 @@ class TrainJob(StrictModel):
     """Train a model with Ray Train; checkpoints and the final model go to output.path."""
 
     kind: Literal["train"]
-    model: Literal["imitator", "parser", "regressor"]
+    model: Literal["imitator", "parser", "regressor", "expression"]
     data: TrainData
     output: OutputSpec
     storage: StorageSpec = StorageSpec()
     models: RegressorModels = RegressorModels()
     options: TrainOptions = TrainOptions()
     resources: TrainResources = TrainResources()
+
+    @model_validator(mode="after")
+    def _photos_for_expression(self) -> "TrainJob":
+        if self.model == "expression" and self.data.photos is not None:
+            # Photo pairs (self-reconstruction, same-person pairs) are not read yet:
+            # refusing them beats silently training on renders only.
+            raise ValueError("data.photos: model: expression trains on rig pairs only so far")
+        return self
 
 
 class TrainKind(JobKind):

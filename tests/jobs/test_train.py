@@ -277,3 +277,36 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(regressor_data, uni
     straight_output, _ = uninterrupted
     straight, recovered = _final_regressor(straight_output), _final_regressor(output)
     assert max(float((straight[name] - recovered[name]).abs().max()) for name in straight) <= 1e-6
+
+
+def test_expression_gan_trains_on_rig_pairs_with_two_workers(ray_cluster, tmp_path):
+    from facecore.models.expression import ExpressionGenerator
+
+    pairs = run(parse_spec({"kind": "render", "output": {"path": str(tmp_path / "pairs")},
+                            "options": {"count": 96, "size": 64, "seed": 3, "align": "affine68",
+                                        "pairs": "expression"}}), progress=False)
+    assert pairs.ok_rows == 96
+    spec = {"kind": "train", "model": "expression", "data": {"renders": str(tmp_path / "pairs"),
+                                                             "validation_fraction": 0.15},
+            "output": {"path": str(tmp_path / "expression")},
+            "options": {"epochs": 2, "batch_size": 8, "image_size": 64, "base_channels": 8, "residual_blocks": 1,
+                        "pretrain_steps": 3, "learning_rate": 2e-3, "discriminator_learning_rate": 2e-3},
+            "resources": {"num_workers": 2}}
+    metrics = train(parse_spec(spec))["metrics"]
+    for loss in ("l1", "adversarial", "identity_discriminator", "expression_discriminator"):
+        assert np.isfinite(metrics[f"loss_{loss}"]), loss
+    assert 0 < metrics["l1"] < 0.2 and metrics["l1_copy_ratio"] > 0
+    generator = weights.load_model(ExpressionGenerator, str(tmp_path / "expression" / MODEL_DIR))
+    assert generator.config.image_size == 64 and (tmp_path / "expression" / "best").is_dir()
+    states = [json.loads((p / "state.json").read_text())
+              for p in sorted((tmp_path / "expression" / RUNS_DIR / "train-expression").glob("checkpoint_*"))
+              if p.is_dir()]
+    last = max(states, key=lambda state: state["epoch"])["steps"]
+    # the discriminators' pre-training steps come first, then one of each per GAN step
+    assert last["identity_discriminator"] == last["expression_discriminator"] == last["generator"] + 3
+
+    single = tmp_path / "single"
+    run(parse_spec({"kind": "render", "output": {"path": str(single)}, "options": {"count": 4, "size": 64}}),
+        progress=False)
+    with pytest.raises(ValueError, match="options.pairs: expression"):
+        train(parse_spec({**spec, "data": {"renders": str(single)}, "output": {"path": str(tmp_path / "no")}}))

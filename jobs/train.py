@@ -363,7 +363,8 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
                 error += float((result - batch["target"]).abs().mean()) * len(result)
                 copied += float((batch["source"] - batch["target"]).abs().mean()) * len(result)
                 faces += len(result)
-        report = {"epoch": epoch, **{f"loss_{name}": value / counts[name] for name, value in sums.items()}}
+        report = {"epoch": epoch, **{name if name.endswith("accuracy") else f"loss_{name}": value / counts[name]
+                                     for name, value in sums.items()}}
         if faces:
             report.update(l1=error / faces, l1_copy_ratio=error / max(copied, 1e-12))
         report["validation"] = report.get("l1_copy_ratio", float("nan"))

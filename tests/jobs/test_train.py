@@ -296,6 +296,7 @@ def test_expression_gan_trains_on_rig_pairs_with_two_workers(ray_cluster, tmp_pa
     for loss in ("l1", "adversarial", "identity_discriminator", "expression_discriminator"):
         assert np.isfinite(metrics[f"loss_{loss}"]), loss
     assert 0 < metrics["l1"] < 0.2 and metrics["l1_copy_ratio"] > 0
+    assert 0 <= metrics["identity_accuracy"] <= 1 and 0 <= metrics["expression_accuracy"] <= 1
     generator = weights.load_model(ExpressionGenerator, str(tmp_path / "expression" / MODEL_DIR))
     assert generator.config.image_size == 64 and (tmp_path / "expression" / "best").is_dir()
     states = [json.loads((p / "state.json").read_text())

@@ -225,7 +225,8 @@ def rig_metadata(schema) -> dict[str, str]:
 class RenderKind(JobKind):
     name = "render"
     spec_model = RenderJob
-    output_schema = RENDER_SCHEMA
+    # Every column a render job can write; the target_* ones only with options.pairs.
+    output_schema = RENDER_PAIR_SCHEMA
     field_docs = RENDER_FIELD_DOCS
 
     def input_rows(self, spec: RenderJob) -> pa.Table:

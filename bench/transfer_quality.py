@@ -22,7 +22,7 @@ import torch
 
 from facecore import weights
 from facecore.methods.landmark_warp import piecewise_affine_warp
-from facecore.models.expression import ExpressionGenerator, heatmaps
+from facecore.models.expression import ExpressionGenerator, generator_inputs
 from jobs.samples import aligned_expression_pairs
 
 
@@ -43,9 +43,10 @@ def main() -> None:
     with torch.no_grad():
         for start in range(0, args.pairs, 32):
             part = slice(start, start + 32)
-            maps = [heatmaps(torch.from_numpy(points[part]), generator.config)
-                    for points in (source_points, target_points)]
-            result, _ = generator(tensor(source[part]), *maps)
+            inputs = generator_inputs(torch.from_numpy(source_points[part]), torch.from_numpy(target_points[part]),
+                                      generator.config)
+            result, _ = generator(tensor(source[part]), inputs["source_maps"], inputs["target_maps"],
+                                  inputs["landmark_flow"])
             results.append(result)
     model_l1 = float((torch.cat(results) - tensor(target)).abs().mean())
     warped = np.stack([piecewise_affine_warp(image, a, b) for image, a, b in zip(source, source_points, target_points)])

@@ -278,17 +278,17 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
 def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> dict[str, torch.Tensor]:
     """A block of expression pairs (a ``pairs: expression`` render job's rows) as G and its critics take them."""
     from facecore.images import decode_png
-    from facecore.models.expression import heatmaps
+    from facecore.models.expression import generator_inputs
     from jobs.kinds.recognize import model_inputs
 
-    batch = {}
+    batch, landmarks = {}, {}
     for prefix, name in (("", "source"), ("target_", "target")):
         crops = [decode_png(data) for data in raw[f"{prefix}image"]]
         points = np.array([np.asarray(p, np.float32) for p in raw[f"{prefix}landmarks"]]).reshape(len(crops), 68, 2)
-        images, landmarks = model_inputs(crops, points, config.image_size)
+        images, landmarks[name] = model_inputs(crops, points, config.image_size)
         batch[name] = images.to(device)
-        batch[f"{name}_maps"] = heatmaps(landmarks, config).to(device)
-    return batch
+    inputs = generator_inputs(landmarks["source"], landmarks["target"], config)
+    return batch | {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 def expression_loop_per_worker(config: dict[str, Any]) -> None:
@@ -304,7 +304,7 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
 
     from facecore.models.expression import (ExpressionConfig, ExpressionDiscriminator, ExpressionGenerator,
                                             IdentityDiscriminator)
-    from facecore.training.expression import ExpressionLossConfig, gan_step, pretrain_step
+    from facecore.training.expression import ExpressionLossConfig, gan_step, generate, pretrain_step
     from facecore.training.state import TrainState
 
     spec = TrainJob.model_validate(config["spec"])
@@ -359,7 +359,7 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for raw in validation_shard.iter_batches(batch_size=32, batch_format="numpy"):
                 batch = _pair_tensors(raw, model_config, device)
-                result, _ = plain(batch["source"], batch["source_maps"], batch["target_maps"])
+                result, _ = generate(plain, batch)
                 error += float((result - batch["target"]).abs().mean()) * len(result)
                 copied += float((batch["source"] - batch["target"]).abs().mean()) * len(result)
                 faces += len(result)

@@ -48,6 +48,38 @@ def delaunay_triangles(points: np.ndarray) -> np.ndarray:
     return triangles[[len(set(t)) == 3 for t in triangles.tolist()]].astype(np.int64)
 
 
+def piecewise_affine_maps(source_landmarks: np.ndarray, target_landmarks: np.ndarray, width: int,
+                          height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of the result comes from: (H, W) float32 ``map_x``, ``map_y`` in source pixels.
+
+    The backward map of the piecewise-affine warp from ``source_landmarks`` to
+    ``target_landmarks`` (both (68, 2), pixels of a ``width`` x ``height`` frame),
+    as ``cv2.remap`` takes it; the expression model starts its flow from it.
+    """
+    border = frame_points(width, height)
+    source = np.concatenate([check_landmarks68(source_landmarks).astype(np.float64), border])
+    target = np.concatenate([check_landmarks68(target_landmarks).astype(np.float64), border])
+    triangles = delaunay_triangles(target)
+
+    # Which target triangle covers each output pixel, then each pixel through
+    # its own triangle's affine map (target -> source).
+    owner = np.full((height, width), -1, np.int32)
+    maps = [np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])]  # index 0: the identity, for pixels no triangle covers
+    for corners in triangles:
+        there, here = target[corners], source[corners]
+        area = abs(triangle_areas(there[None])[0])
+        if area < 1e-6:
+            continue
+        maps.append(cv2.getAffineTransform(there.astype(np.float32), here.astype(np.float32)))
+        cv2.fillConvexPoly(owner, np.round(there * 16).astype(np.int32), len(maps) - 2, lineType=cv2.LINE_8,
+                           shift=4)
+    matrices = np.stack(maps)[owner + 1]  # (H, W, 2, 3)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    map_x = matrices[..., 0, 0] * xs + matrices[..., 0, 1] * ys + matrices[..., 0, 2]
+    map_y = matrices[..., 1, 0] * xs + matrices[..., 1, 1] * ys + matrices[..., 1, 2]
+    return map_x.astype(np.float32), map_y.astype(np.float32)
+
+
 def piecewise_affine_warp(image: np.ndarray, source_landmarks: np.ndarray,
                           target_landmarks: np.ndarray) -> np.ndarray:
     """``image`` with its face moved from ``source_landmarks`` to ``target_landmarks``.
@@ -65,26 +97,5 @@ def piecewise_affine_warp(image: np.ndarray, source_landmarks: np.ndarray,
     if image.ndim not in (2, 3) or min(image.shape[:2]) < 2:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {image.shape}")
     height, width = image.shape[:2]
-    border = frame_points(width, height)
-    source = np.concatenate([check_landmarks68(source_landmarks).astype(np.float64), border])
-    target = np.concatenate([check_landmarks68(target_landmarks).astype(np.float64), border])
-    triangles = delaunay_triangles(target)
-
-    # Which target triangle covers each output pixel, then one remap through
-    # each pixel's own triangle's affine map (target -> source).
-    owner = np.full((height, width), -1, np.int32)
-    maps = [np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])]  # index 0: the identity, for pixels no triangle covers
-    for corners in triangles:
-        there, here = target[corners], source[corners]
-        area = abs(triangle_areas(there[None])[0])
-        if area < 1e-6:
-            continue
-        maps.append(cv2.getAffineTransform(there.astype(np.float32), here.astype(np.float32)))
-        cv2.fillConvexPoly(owner, np.round(there * 16).astype(np.int32), len(maps) - 2, lineType=cv2.LINE_8,
-                           shift=4)
-    matrices = np.stack(maps)[owner + 1]  # (H, W, 2, 3)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    map_x = matrices[..., 0, 0] * xs + matrices[..., 0, 1] * ys + matrices[..., 0, 2]
-    map_y = matrices[..., 1, 0] * xs + matrices[..., 1, 1] * ys + matrices[..., 1, 2]
-    return cv2.remap(image, map_x.astype(np.float32), map_y.astype(np.float32), cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE)
+    map_x, map_y = piecewise_affine_maps(source_landmarks, target_landmarks, width, height)
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

@@ -1,8 +1,9 @@
 """Training expression transfer (SPEC.md §1, seed 001): G, D_id and D_e, one step at a time.
 
 A batch holds pairs of one identity: ``source`` / ``target`` crops (B, 3, S, S)
-in [0, 1] and their landmark heatmaps ``source_maps`` / ``target_maps``. G makes
-``Î_t = G(I_s, L_s, L_t)``.
+in [0, 1], their landmark heatmaps ``source_maps`` / ``target_maps`` and the
+``landmark_flow`` between them (``facecore.models.expression.generator_inputs``).
+G makes ``Î_t = G(I_s, L_s, L_t)``.
 
 - D_id(a, b), same person? Real: ``(I_t, I_s)``. Fake: ``(Î_t, I_s)``. Also
   negative: ``(I_t of another pair, I_s)``, what it is pre-trained on.
@@ -79,6 +80,11 @@ def _update(state: TrainState, names: tuple[str, ...], loss: torch.Tensor, froze
 DISCRIMINATORS = ("identity_discriminator", "expression_discriminator")
 
 
+def generate(generator: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """G on a batch: ``Î_t`` and its parts."""
+    return generator(batch["source"], batch["source_maps"], batch["target_maps"], batch["landmark_flow"])
+
+
 def discriminator_losses(state: TrainState, batch: Batch, fake: torch.Tensor | None,
                          config: ExpressionLossConfig) -> dict[str, torch.Tensor | float]:
     """D_id's and D_e's losses (and accuracies) on real pairs, negatives and, when given, G's results."""
@@ -119,14 +125,14 @@ def gan_step(state: TrainState, batch: Batch, config: ExpressionLossConfig) -> d
     d_id.train()
     d_e.train()
     with torch.no_grad():
-        fake, _ = generator(batch["source"], batch["source_maps"], batch["target_maps"])
+        fake, _ = generate(generator, batch)
     losses = discriminator_losses(state, batch, fake, config)
     _update(state, DISCRIMINATORS, losses["identity_discriminator"] + losses["expression_discriminator"],
             [generator], config.grad_clip)
     metrics = {name: float(value.detach()) if isinstance(value, torch.Tensor) else value
                for name, value in losses.items()}
 
-    fake, _ = generator(batch["source"], batch["source_maps"], batch["target_maps"])
+    fake, _ = generate(generator, batch)
     l1 = (fake - batch["target"]).abs().mean()
     adversarial = _bce(d_id(fake, batch["source"]), True) + _bce(d_e(fake, batch["target_maps"]), True)
     _update(state, ("generator",), config.gan * adversarial + config.l1 * l1, [d_id, d_e], config.grad_clip)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from facecore.methods.landmark_warp import piecewise_affine_warp
 from facecore.models.expression import (ExpressionConfig, ExpressionDiscriminator, ExpressionGenerator,
-                                        IdentityDiscriminator, heatmaps)
+                                        IdentityDiscriminator, generator_inputs, heatmaps)
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +22,24 @@ def pair():
     return tensor(source), torch.from_numpy(source_points), tensor(target), torch.from_numpy(target_points)
 
 
-def test_generator_starts_as_a_copy_of_the_source_and_learns_through_every_part(pair):
+def test_generator_starts_as_the_landmark_warp_and_learns_through_every_part(pair):
     source, source_points, target, target_points = pair
     torch.manual_seed(0)
     config = ExpressionConfig(image_size=64, base_channels=8, residual_blocks=1)
     generator = ExpressionGenerator(config)
-    source_maps, target_maps = heatmaps(source_points, config), heatmaps(target_points, config)
-    assert source_maps.shape == (4, config.heatmap_channels, 64, 64) and float(source_maps.max()) <= 1.0
-    result, parts = generator(source, source_maps, target_maps)
+    inputs = generator_inputs(source_points, target_points, config)
+    assert inputs["source_maps"].shape == (4, config.heatmap_channels, 64, 64)
+    assert float(inputs["source_maps"].max()) <= 1.0
+    result, parts = generator(source, inputs["source_maps"], inputs["target_maps"], inputs["landmark_flow"])
     assert result.shape == source.shape and parts["flow"].shape == (4, 2, 64, 64)
-    assert float((result - source).detach().abs().mean()) < 0.02  # zero flow, the mask favouring the warp
     assert float(parts["flow"].detach().abs().max()) == 0.0
+    # Zero correction: the warp is the piecewise-affine baseline's, to interpolation.
+    baseline = torch.stack([torch.from_numpy(piecewise_affine_warp(image.permute(1, 2, 0).numpy(), a.numpy(),
+                                                                   b.numpy())).permute(2, 0, 1)
+                            for image, a, b in zip(source, source_points, target_points)])
+    assert float((parts["warped"] - baseline).detach().abs().max()) < 1e-4
+    assert float((parts["warped"] - source).detach().abs().mean()) > 0.003  # it does move the face
+    assert float((result - baseline).detach().abs().mean()) < 0.02  # the mask favours the warp
     (result - target).abs().mean().backward()
     for head in (generator.flow, generator.mask, generator.refine):
         assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
@@ -51,8 +59,11 @@ def test_bad_shapes_and_configs_are_refused(pair):
     source, source_points, _, _ = pair
     config = ExpressionConfig(image_size=64, base_channels=8, residual_blocks=1)
     maps = heatmaps(source_points, config)
+    flow = torch.zeros(4, 2, 64, 64)
     with pytest.raises(ValueError, match="target_heatmaps"):
-        ExpressionGenerator(config)(source, maps, maps[:, :1])
+        ExpressionGenerator(config)(source, maps, maps[:, :1], flow)
+    with pytest.raises(ValueError, match="landmark_flow"):
+        ExpressionGenerator(config)(source, maps, maps, flow[:, :1])
     with pytest.raises(ValueError, match="image_size"):
         ExpressionConfig(image_size=60)
     with pytest.raises(ValueError, match="mode"):

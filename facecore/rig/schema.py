@@ -11,6 +11,7 @@ one-hot block per discrete group (schema order).
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -69,6 +70,9 @@ class RigSchema:
     continuous: tuple[ContinuousParam, ...]
     discrete: tuple[StyleGroup, ...]
     exclusive: tuple[tuple[str, str], ...] = ()
+    # Named expressions (``smile``, ``surprise``...): expression parameters away
+    # from neutral; every expression parameter not listed stays at its neutral.
+    expressions: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.continuous] + [g.name for g in self.discrete]
@@ -91,6 +95,15 @@ class RigSchema:
         for pair in self.exclusive:
             if len(pair) != 2 or not set(pair) <= continuous:
                 raise SchemaError(f"schema {self.name}: exclusive pair {list(pair)} must name two continuous params")
+        expression = {p.name for p in self.continuous if p.group == "expression"}
+        for label, values in self.expressions.items():
+            strangers = sorted(set(values) - expression)
+            if strangers:
+                raise SchemaError(f"schema {self.name}: expressions.{label} sets {strangers}, "
+                                  f"which are not expression parameters")
+            outside = sorted(name for name, value in values.items() if not 0.0 <= value <= 1.0)
+            if outside:
+                raise SchemaError(f"schema {self.name}: expressions.{label}: {outside} must be in [0, 1]")
 
     # -- layout -----------------------------------------------------------------
 
@@ -244,7 +257,16 @@ class RigSchema:
                             **({} if p.visible else {"visible": False})} for p in self.continuous],
             "discrete": [{"name": g.name, "choices": list(g.choices), "default": g.default} for g in self.discrete],
             "exclusive": [list(pair) for pair in self.exclusive],
+            **({"expressions": {label: dict(values) for label, values in self.expressions.items()}}
+               if self.expressions else {}),
         }
+
+    def expression_values(self, label: str) -> dict[str, float]:
+        """Every expression parameter of the named expression ``label`` (the unlisted at neutral)."""
+        if label not in self.expressions:
+            raise KeyError(f"rig {self.name} has no expression {label!r}; it has {sorted(self.expressions)}")
+        given = self.expressions[label]
+        return {p.name: float(given.get(p.name, p.neutral)) for p in self.continuous if p.group == "expression"}
 
 
 def _flag(value: Any, field: str) -> bool:
@@ -257,7 +279,7 @@ def schema_from_dict(data: Mapping[str, Any], source: str = "schema") -> RigSche
     """Build a schema from its YAML form, naming the bad entry on error."""
     if not isinstance(data, Mapping):
         raise SchemaError(f"{source}: expected a mapping with 'continuous' and 'discrete'")
-    unknown = sorted(set(data) - {"name", "version", "continuous", "discrete", "exclusive"})
+    unknown = sorted(set(data) - {"name", "version", "continuous", "discrete", "exclusive", "expressions"})
     if unknown:
         raise SchemaError(f"{source}: unknown fields {unknown}")
     continuous = []
@@ -283,8 +305,15 @@ def schema_from_dict(data: Mapping[str, Any], source: str = "schema") -> RigSche
     if not continuous:
         raise SchemaError(f"{source}: a rig needs at least one continuous parameter")
     exclusive = tuple(tuple(str(n) for n in pair) for pair in data.get("exclusive") or [])
+    expressions = {}
+    for label, values in (data.get("expressions") or {}).items():
+        try:
+            expressions[str(label)] = {str(name): float(value) for name, value in dict(values).items()}
+        except (TypeError, ValueError) as exc:
+            raise SchemaError(f"{source}: expressions.{label}: {exc!r}") from None
     return RigSchema(name=str(data.get("name", source)), continuous=tuple(continuous),
-                     discrete=tuple(discrete), exclusive=exclusive)  # type: ignore[arg-type]
+                     discrete=tuple(discrete), exclusive=exclusive,  # type: ignore[arg-type]
+                     expressions=expressions)
 
 
 def load_schema(path: str | Path) -> RigSchema:

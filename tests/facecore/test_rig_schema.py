@@ -120,6 +120,10 @@ def test_user_schema_file_drives_encode_decode(tmp_path):
         ({"continuous": []}, "at least one continuous"),
         ({"continuous": [{"name": "a"}], "colour": 1}, r"unknown fields \['colour'\]"),
         ({"continuous": [{"name": "a", "visible": "no"}]}, r"continuous\[0\].*visible must be true or false"),
+        ({"continuous": [{"name": "a"}], "expressions": {"smile": {"a": 1.0}}},
+         r"expressions.smile sets \['a'\], which are not expression parameters"),
+        ({"continuous": [{"name": "a", "group": "expression"}], "expressions": {"smile": {"a": 2.0}}},
+         r"expressions.smile: \['a'\] must be in \[0, 1\]"),
     ],
 )
 def test_bad_schema_files(broken, message):
@@ -127,9 +131,21 @@ def test_bad_schema_files(broken, message):
         schema_from_dict(broken)
 
 
+def test_named_expressions_set_only_expression_parameters():
+    schema = default_schema()
+    assert {"neutral", "smile", "surprise", "anger", "sadness", "eyes_closed"} <= set(schema.expressions)
+    smile = schema.expression_values("smile")
+    assert sorted(smile) == sorted(schema.continuous_names[i] for i in schema.indices("expression"))
+    assert smile["smile"] == 0.8 and smile["mouth_open"] == 0.0
+    assert schema.expression_values("neutral") == {name: 0.0 for name in smile}
+    with pytest.raises(KeyError, match="no expression 'smirk'"):
+        schema.expression_values("smirk")
+
+
 def test_schema_survives_its_dict_form():
     schema = default_schema()
     again = schema_from_dict(schema.to_dict())
+    assert again.expressions == schema.expressions
     assert isinstance(again, RigSchema) and again.vector_names == schema.vector_names
     assert again.visible_indices.tolist() == schema.visible_indices.tolist()
 

@@ -231,6 +231,20 @@ def tiny_regressor(folder: Path) -> str:
     return str(folder)
 
 
+def tiny_expression(folder: Path, image_size: int = 64) -> str:
+    """A small untrained expression G saved in ``folder``; returns the folder. Untrained, G is the
+    piecewise-affine warp to the target landmarks: a job's mechanics, not its quality. Seeded."""
+    import torch
+
+    from facecore import weights
+    from facecore.models.expression import ExpressionConfig, ExpressionGenerator
+
+    torch.manual_seed(0)
+    weights.save_model(ExpressionGenerator(ExpressionConfig(image_size=image_size, base_channels=8,
+                                                            residual_blocks=1)), str(folder))
+    return str(folder)
+
+
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
 
 

@@ -83,7 +83,8 @@ class FetchStage:
     """Read each row's object into a ``data`` column; failures become status rows.
 
     Input columns: ``key``, ``uri``, and optionally ``status``/``error`` from
-    planning (rows not "ok" are not fetched and keep them). Output adds ``data``
+    planning (rows not "ok" are not fetched and keep them); any other column
+    passes through. Output adds ``data``
     (bytes or null), ``status`` ("ok", "fetch_error", "too_large"...) and ``error``.
     """
 
@@ -114,7 +115,7 @@ class FetchStage:
         # Rows refused at planning (bad_uri) keep their status and are not fetched.
         results = [r if s == OK else (None, s, e) for r, s, e in
                    zip(results, planned, cols.get("error") or [None] * len(planned))]
-        return pa.table(
+        table = pa.table(
             {
                 "key": pa.array(cols["key"], pa.string()),
                 "uri": pa.array(cols["uri"], pa.string()),
@@ -123,6 +124,10 @@ class FetchStage:
                 "error": pa.array([r[2] for r in results], pa.string()),
             }
         )
+        # Other planned columns (a transfer job's zip driver) ride along to the next stage.
+        for name in cols.keys() - set(table.column_names):
+            table = table.append_column(name, pa.array(cols[name]))
+        return table
 
 
 class AlignStage:

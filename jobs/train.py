@@ -312,8 +312,8 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     model_config = ExpressionConfig(image_size=options.image_size, base_channels=options.base_channels,
-                                    residual_blocks=options.residual_blocks, heatmap_mode=options.heatmap_mode,
-                                    heatmap_sigma=options.heatmap_sigma)
+                                    residual_blocks=options.residual_blocks, stages=options.stages,
+                                    heatmap_mode=options.heatmap_mode, heatmap_sigma=options.heatmap_sigma)
     losses = ExpressionLossConfig(**options.expression_losses.model_dump())
     torch.manual_seed(options.seed)  # every rank starts from the same weights
     modules = {"generator": ExpressionGenerator(model_config).to(device),

@@ -110,7 +110,7 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, int],
 
 
 def paste_back(original: np.ndarray, aligned: np.ndarray, matrix: np.ndarray,
-               feather: int = 8) -> np.ndarray:
+               feather: int = 8, region: np.ndarray | None = None) -> np.ndarray:
     """Paste an aligned-frame image back into the original with a feathered edge.
 
     Args:
@@ -118,6 +118,8 @@ def paste_back(original: np.ndarray, aligned: np.ndarray, matrix: np.ndarray,
         aligned: (S, S, 3) uint8 result in the aligned frame.
         matrix: (2, 3) source → aligned, as stored by the align job.
         feather: blur radius of the blending mask, in aligned pixels.
+        region: (S, S) mask of what to paste, 1 inside (aligned frame); None:
+            the whole crop but a ``feather`` margin.
 
     Returns:
         (H, W, 3) uint8 composite.
@@ -125,8 +127,11 @@ def paste_back(original: np.ndarray, aligned: np.ndarray, matrix: np.ndarray,
     height, width = original.shape[:2]
     inverse = invert(matrix)
     back = cv2.warpAffine(aligned, inverse, (width, height), flags=cv2.INTER_LINEAR)
-    mask = np.zeros(aligned.shape[:2], np.float32)
-    mask[feather:-feather or None, feather:-feather or None] = 1.0
+    if region is not None:
+        mask = np.asarray(region, np.float32)
+    else:
+        mask = np.zeros(aligned.shape[:2], np.float32)
+        mask[feather:-feather or None, feather:-feather or None] = 1.0
     if feather > 0:
         mask = cv2.GaussianBlur(mask, (0, 0), feather / 2)
     mask = cv2.warpAffine(mask, inverse, (width, height), flags=cv2.INTER_LINEAR)[..., None]

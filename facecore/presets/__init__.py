@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent
-PRESETS = ("imitator", "parser", "regressor")
+PRESETS = ("imitator", "parser", "regressor", "expression")
 
 
 def preset_path(name: str) -> str:

@@ -6,10 +6,10 @@ Adding a kind: write ``jobs/kinds/<name>.py`` with its spec model, stages and a
 
 from __future__ import annotations
 
-from jobs.kinds import align, landmarks, pinch, recognize, render, train
+from jobs.kinds import align, landmarks, pinch, recognize, render, train, transfer
 from jobs.kinds.base import JobKind, StageSpec
 
-_MODULES = (align, render, landmarks, pinch, recognize, train)
+_MODULES = (align, render, landmarks, pinch, recognize, train, transfer)
 
 KINDS: dict[str, JobKind] = {module.KIND.name: module.KIND for module in _MODULES}
 
@@ -30,6 +30,10 @@ SPEC_NAMES: dict[str, type] = {
     "TrainData": train.TrainData,
     "TrainOptions": train.TrainOptions,
     "TrainResources": train.TrainResources,
+    "TransferJob": transfer.TransferJob,
+    "TransferOptions": transfer.TransferOptions,
+    "TransferTargets": transfer.TransferTargets,
+    "TransferModels": transfer.TransferModels,
 }
 
 

@@ -1,16 +1,20 @@
-"""Expression transfer on held-out rig pairs: the learned G against the piecewise-affine baseline.
+"""Expression transfer, the learned G against the piecewise-affine baseline, on rig pairs and on photos.
 
-Pairs of one identity (``jobs.samples.aligned_expression_pairs``, a seed no
-training run uses): G moves the source to the target's landmarks, and so does
-the baseline (``facecore.methods.landmark_warp``); both are scored by the L1 to
-the true second render, beside the L1 of not moving the source at all.
+1. Held-out rig pairs of one identity (``jobs.samples.aligned_expression_pairs``,
+   a seed no training run uses): G moves the source to the target's landmarks,
+   and so does the baseline (``facecore.methods.landmark_warp``); both are scored
+   by the L1 to the true second render, beside the L1 of not moving the source.
+2. Real photos (the sample photos, every named expression of the rig): the
+   transfer job's own stages make the target landmarks and G's results; the
+   baseline warps the same aligned crops to the same landmarks. Both are scored
+   alike: ``id_keep`` the share of results whose dlib descriptor is within 0.6
+   of the source's, ``detect`` the share in which dlib's HOG detector finds a
+   face, ``nme`` dlib's landmarks of the result against the target landmarks
+   (over the faces found in both; ``nme_ratio`` = G / baseline).
 
-    python bench/transfer_quality.py --generator DIR [--pairs 200]
+    python bench/transfer_quality.py [--generator DIR] [--pairs 200]
 
-    RESULT rig_l1_ratio=<G / baseline> rig_l1=<G> baseline_l1=<baseline> copy_l1=<source as is>
-
-Issue 13's photo figures (id_keep, nme_ratio, detect) need the transfer job's
-target landmarks on photos and are not measured here yet.
+    RESULT rig_l1_ratio=<G / baseline> id_keep=<G> nme_ratio=<G / baseline> detect=<G> ...
 """
 
 from __future__ import annotations
@@ -26,13 +30,65 @@ from facecore.models.expression import ExpressionGenerator, generator_inputs
 from jobs.samples import aligned_expression_pairs
 
 
+def photo_scores(sources: list[np.ndarray], source_points: list[np.ndarray], results: list[np.ndarray],
+                 target_points: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per result: dlib distance to its source, whether dlib finds a face, dlib's landmark NME to the target."""
+    from facecore.face.detector import DetectorConfig, FaceDetector
+    from facecore.methods.expression_transfer import landmark_nme
+    from facecore.models.identity import IdentityScorer
+
+    scorer = IdentityScorer(device="cpu")
+    detector = FaceDetector(DetectorConfig(detector="hog", detect_max_side=0, upsample=1, min_score=0.0))
+
+    def embed(images, points):
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+        with torch.inference_mode():
+            return scorer.embed(batch, np.stack(points))
+
+    distance = (embed(sources, source_points) - embed(results, target_points)).norm(dim=1).numpy()
+    found = [detector(image) for image in results]
+    nme = np.array([landmark_nme(faces[0].landmarks, wanted) if faces else np.nan
+                    for faces, wanted in zip(found, target_points)])
+    return {"distance": distance, "detected": np.array([bool(faces) for faces in found]), "nme": nme}
+
+
+def photo_results(generator_uri: str) -> tuple[list, list, list, list, list]:
+    """Every sample photo given every named expression by the transfer job's stages:
+    sources, their landmarks, G's results, the target landmarks, the target names."""
+    from facecore.images import decode_png
+    from facecore.rig import default_schema
+    from jobs.kinds.transfer import TransferAlignStage, TransferOptions, TransferStage
+    from jobs.samples import sample_photos
+    from jobs.stages import FetchStage
+
+    options = TransferOptions(targets={"expressions": sorted(default_schema().expressions)}, paste_back=False)
+    photos = sample_photos()
+    batch = {"key": list(photos), "uri": [str(path) for path in photos.values()]}
+    aligned = TransferAlignStage(options)(FetchStage()(batch))
+    rows = TransferStage(generator_uri, None, options, batch_size=32, device="cpu")(aligned).to_pylist()
+    rows = [row for row in rows if row["status"] == "ok"]
+    side = options.size
+
+    def crop(data: bytes) -> np.ndarray:
+        return np.frombuffer(data, np.uint8).reshape(side, side, 3)
+
+    return ([decode_png(row["aligned"]) for row in rows],
+            [np.asarray(row["aligned_landmarks"], np.float32).reshape(68, 2) for row in rows],
+            [crop(row["result"]) for row in rows],
+            [np.asarray(row["target_landmarks"], np.float32).reshape(68, 2) for row in rows],
+            [f"{row['key']}:{row['target']}" for row in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generator", required=True, help="model folder of a trained G")
+    parser.add_argument("--generator", default=None, help="model folder of G (default: the shipped preset)")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--seed", type=int, default=424242)
     args = parser.parse_args()
-    generator = weights.load_model(ExpressionGenerator, args.generator).eval()
+    from facecore.presets import preset_path
+
+    generator_uri = args.generator or preset_path("expression")
+    generator = weights.load_model(ExpressionGenerator, generator_uri).eval()
     size = generator.config.image_size
     (source, source_points, _), (target, target_points, _) = aligned_expression_pairs(args.pairs, args.seed, size)
 
@@ -52,9 +108,24 @@ def main() -> None:
     warped = np.stack([piecewise_affine_warp(image, a, b) for image, a, b in zip(source, source_points, target_points)])
     baseline_l1 = float((tensor(warped) - tensor(target)).abs().mean())
     copy_l1 = float((tensor(source) - tensor(target)).abs().mean())
-    print(f"held-out rig pairs: {args.pairs} at {size} px")
-    print(f"RESULT rig_l1_ratio={model_l1 / baseline_l1:.3f} rig_l1={model_l1:.4f} baseline_l1={baseline_l1:.4f} "
-          f"copy_l1={copy_l1:.4f}")
+    print(f"held-out rig pairs: {args.pairs} at {size} px: L1 G {model_l1:.4f}, baseline {baseline_l1:.4f}, "
+          f"copy {copy_l1:.4f}")
+
+    sources, source_points, results, target_points, names = photo_results(generator_uri)
+    warps = [piecewise_affine_warp(image, a, b) for image, a, b in zip(sources, source_points, target_points)]
+    model = photo_scores(sources, source_points, results, target_points)
+    base = photo_scores(sources, source_points, warps, target_points)
+    both = ~np.isnan(model["nme"]) & ~np.isnan(base["nme"])
+    for i, name in enumerate(names):
+        print(f"photo {name:28s} distance G {model['distance'][i]:.3f} baseline {base['distance'][i]:.3f}  "
+              f"nme G {model['nme'][i]:.4f} baseline {base['nme'][i]:.4f}")
+    id_keep, detect = float((model["distance"] < 0.6).mean()), float(model["detected"].mean())
+    nme_ratio = float(model["nme"][both].mean() / base["nme"][both].mean())
+    print(f"photos: {len(names)} results; baseline id_keep {(base['distance'] < 0.6).mean():.3f} "
+          f"detect {base['detected'].mean():.3f}")
+    print(f"RESULT rig_l1_ratio={model_l1 / baseline_l1:.3f} id_keep={id_keep:.3f} nme_ratio={nme_ratio:.3f} "
+          f"detect={detect:.3f} rig_l1={model_l1:.4f} baseline_l1={baseline_l1:.4f} copy_l1={copy_l1:.4f} "
+          f"nme={model['nme'][both].mean():.4f} baseline_nme={base['nme'][both].mean():.4f} photos={len(names)}")
 
 
 if __name__ == "__main__":

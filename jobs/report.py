@@ -5,8 +5,9 @@ every image column the job wrote (aligned, preview, render, image, mask...), the
 status, and the parameters by name. The kinds that turn photos into avatars show
 the face and its avatars side by side instead: recognize ``photo | avatar``, pinch
 ``photo | recognize avatar | pinch avatar`` (the photo is the aligned face the
-models saw). Images are embedded as data URIs, so the file opens in a browser
-wherever it is copied.
+models saw); transfer shows ``source | target landmarks | result | frame`` (the
+source's landmarks in green, the target's in red, over the source). Images are
+embedded as data URIs, so the file opens in a browser wherever it is copied.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ from jobs.storage import locate, write_atomic
 IMAGE_COLUMNS = ("aligned", "preview", "render", "image", "mask")
 THUMBNAIL = 160
 PHOTO = "photo"  # the header of the source photo, fetched from the row's uri
+TARGET_MARKS = "target_marks"  # transfer: the source and target landmarks drawn over the source
+
+
+def _landmark_picture(row: dict) -> np.ndarray | None:
+    """The aligned source, its landmarks in green and the target's in red, twice its size."""
+    if not row.get("aligned") or row.get("target_landmarks") is None:
+        return None
+    picture = cv2.resize(decode_png(row["aligned"]), None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    for column, colour in (("aligned_landmarks", (0, 200, 0)), ("target_landmarks", (230, 0, 0))):
+        for x, y in np.asarray(row[column], np.float64).reshape(-1, 2) * 2:
+            cv2.circle(picture, (int(round(x)), int(round(y))), 2, colour, -1, lineType=cv2.LINE_AA)
+    return picture
 
 
 def _picture_columns(kind: str, options: dict, names: list[str]) -> list[tuple[str, str]]:
@@ -37,6 +50,8 @@ def _picture_columns(kind: str, options: dict, names: list[str]) -> list[tuple[s
     if kind == "pinch":
         start = "recognize avatar" if options.get("init", "recognize") == "recognize" else "start avatar (reference)"
         return [("photo", "aligned"), (start, "init_render"), ("pinch avatar", "render")]
+    if kind == "transfer":
+        return [("source", "aligned"), ("target landmarks", TARGET_MARKS), ("result", "result"), ("frame", "frame")]
     return ([(PHOTO, PHOTO)] if "uri" in names else []) + [(c, c) for c in IMAGE_COLUMNS if c in names]
 
 
@@ -84,7 +99,9 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
     kind = metadata.get(b"facejobs.kind", b"?").decode()
     options = json.loads(metadata.get(b"facejobs.options", b"{}"))
     table = pa.concat_tables(pq.read_table(p, filesystem=arrow_fs) for p in parts)
-    table = table.sort_by([("key", "ascending")]).slice(0, limit)
+    order = [("key", "ascending")] + ([("target", "ascending")] if "target" in table.column_names else [])
+    table = table.sort_by(order).slice(0, limit)
+    target_names = json.loads(metadata.get(b"facejobs.target_params", b"[]"))
     pictures = _picture_columns(kind, options, table.column_names)
     rows_html = []
     for row in table.to_pylist():
@@ -95,6 +112,9 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
                 # The source photo; for a row that failed before alignment, in place of its face.
                 picture = _photo(row["uri"], storage)
                 cells.append(f'<td><img src="{picture}"></td>' if picture else "<td>(photo unavailable)</td>")
+            elif column == TARGET_MARKS:
+                picture = _landmark_picture(row)
+                cells.append(f'<td><img src="{_data_uri(picture)}"></td>' if picture is not None else "<td></td>")
             elif data:
                 picture = _mask_picture(data) if column == "mask" else decode_png(data)
                 if picture.ndim == 2:
@@ -114,6 +134,15 @@ def write_report(output_uri: str, storage: StorageSpec | None = None, limit: int
             continuous = sorted(((n, v) for n, v in pairs if "=" not in n),
                                 key=lambda p: -abs(p[1] - neutral.get(p[0], 0.5)))
             shown = styles + [f"{n}={v:.2f}" for n, v in continuous[:10]]
+            details = "<br>".join(html.escape(s) for s in shown)
+        if row.get("target_params") is not None:
+            # The target, its scores, and the expression parameters it sets.
+            given = sorted(zip(target_names, row["target_params"]), key=lambda p: -p[1])
+            scores = [f"id distance {row['id_distance']:.3f}" if row.get("id_distance") is not None else "",
+                      f"landmark NME {row['landmark_nme']:.3f}" if row.get("landmark_nme") is not None
+                      else "landmark NME: no face found"]
+            shown = [f"target {row['target']}"] + [s for s in scores if s] + [f"{n}={v:.2f}" for n, v in given[:6]
+                                                                            if v > 0.05]
             details = "<br>".join(html.escape(s) for s in shown)
         losses = ""
         if row.get("loss_end") is not None:

@@ -15,6 +15,7 @@ from facecore.rig import default_schema
 from jobs.kinds.transfer import TRANSFER_SCHEMA
 from jobs.manifest import ManifestError, write_manifest
 from jobs.pipeline import run
+from jobs.report import write_report
 from jobs.samples import bad_input_corpus, tiny_expression, write_corpus
 from jobs.spec import SpecError, parse_spec
 
@@ -107,6 +108,11 @@ def test_named_expressions_and_drivers(ray_cluster, photos, generator, tmp_path)
                                                                           row.target_landmarks))
         gap = lambda points: points[66, 1] - points[62, 1]  # noqa: E731 - inner lips, lower minus upper
         assert gap(target) > gap(source) + 2 and target[17:27, 1].mean() < source[17:27, 1].mean() - 1
+
+    # The contact sheet: source | target landmarks | result | frame, and the target named.
+    page = (tmp_path / "named" / "_report.html").read_text() if write_report(str(tmp_path / "named")) else ""
+    assert "<th>source</th><th>target landmarks</th><th>result</th><th>frame</th><th>row</th>" in page
+    assert page.count("target surprise") == 2 and page.count("<img ") == 3 * 4  # no frames: paste_back off
 
     # Drivers, every row with every driver; a face-less driver fails its rows alone.
     blank = tmp_path / "blank.png"

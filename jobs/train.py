@@ -291,16 +291,31 @@ def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> d
     return batch | {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
+def _self_pairs(photos: dict[str, torch.Tensor], pick: torch.Tensor, config) -> dict[str, torch.Tensor]:
+    """Photos as pairs with themselves (target = source, same landmarks): self-reconstruction."""
+    from facecore.models.expression import generator_inputs
+
+    images, landmarks = photos["image"][pick], photos["landmarks"][pick]
+    inputs = generator_inputs(landmarks, landmarks, config)
+    return {"source": images, "target": images, **{name: t.to(images.device) for name, t in inputs.items()}}
+
+
 def expression_loop_per_worker(config: dict[str, Any]) -> None:
     """Expression transfer's G, D_id and D_e on Ray Train (SPEC.md §1): a TrainState per worker.
 
     The first ``options.pretrain_steps`` updates train the discriminators alone on
-    real pairs (the seed's pre-training); the GAN's alternating steps follow. Each
-    epoch reports G's L1 on held-out pairs and, for scale, the L1 of copying the
-    source unchanged (``l1_copy_ratio``: below 1 is better than no transfer).
+    real pairs (the seed's pre-training); the GAN's alternating steps follow. With
+    ``data.photos``, every ``photo_every`` steps ``photo_batch_size`` aligned photos
+    join the batch as pairs with themselves (self-reconstruction: G must leave a
+    face alone when the landmarks do not move, and the critics see real photos as
+    real). Each epoch reports G's L1 on held-out pairs and its ratio to the
+    landmark-warp baseline's (``l1_baseline_ratio``, the ``validation`` figure) and
+    to copying the source (``l1_copy_ratio``).
     """
     import ray.train
     import ray.train.torch
+
+    import torch.nn.functional as F
 
     from facecore.models.expression import (ExpressionConfig, ExpressionDiscriminator, ExpressionGenerator,
                                             IdentityDiscriminator)
@@ -339,6 +354,8 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
         state.modules[name] = ray.train.torch.prepare_model(state.modules[name])
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
+    photos = _photo_tensors(ray.train.get_dataset_shard("photos"), options.image_size, device) \
+        if config["photo_rows"] else None
     for epoch in range(state.epoch, options.epochs):
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -347,6 +364,10 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
                                            local_shuffle_seed=_epoch_seed(options.seed, rank, epoch))
         for raw in batches:
             batch = _pair_tensors(raw, model_config, device)
+            if photos is not None and state.steps["identity_discriminator"] % options.photo_every == 0:
+                pick = torch.randint(len(photos["image"]), (options.photo_batch_size,), generator=state.generator)
+                own = _self_pairs(photos, pick.to(device), model_config)
+                batch = {name: torch.cat([batch[name], own[name]]) for name in batch}
             pretraining = state.steps["identity_discriminator"] < options.pretrain_steps
             metrics = (pretrain_step if pretraining else gan_step)(state, batch, losses)
             for name in (("identity_discriminator", "expression_discriminator") if pretraining else state.schedulers):
@@ -355,19 +376,23 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[name] = sums.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + 1
         plain = state.plain("generator").eval()
-        error = copied = faces = 0.0
+        error = copied = warped = faces = 0.0
         with torch.no_grad():
             for raw in validation_shard.iter_batches(batch_size=32, batch_format="numpy"):
                 batch = _pair_tensors(raw, model_config, device)
                 result, _ = generate(plain, batch)
+                baseline = F.grid_sample(batch["source"], plain.grid + batch["landmark_flow"].permute(0, 2, 3, 1),
+                                         mode="bilinear", padding_mode="border", align_corners=True)
                 error += float((result - batch["target"]).abs().mean()) * len(result)
                 copied += float((batch["source"] - batch["target"]).abs().mean()) * len(result)
+                warped += float((baseline - batch["target"]).abs().mean()) * len(result)
                 faces += len(result)
         report = {"epoch": epoch, **{name if name.endswith("accuracy") else f"loss_{name}": value / counts[name]
                                      for name, value in sums.items()}}
         if faces:
-            report.update(l1=error / faces, l1_copy_ratio=error / max(copied, 1e-12))
-        report["validation"] = report.get("l1_copy_ratio", float("nan"))
+            report.update(l1=error / faces, l1_copy_ratio=error / max(copied, 1e-12),
+                          l1_baseline_ratio=error / max(warped, 1e-12))
+        report["validation"] = report.get("l1_baseline_ratio", float("nan"))
         state.epoch, state.metrics = epoch + 1, report
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
@@ -453,7 +478,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     dataset = ray.data.read_parquet(parts, filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
     photo_rows_count, photo_data = 0, None
-    if spec.data.photos and spec.model == "regressor":
+    if spec.data.photos and spec.model in ("regressor", "expression"):
         photos = locate(spec.data.photos, spec.storage)
         photo_data = ray.data.read_parquet(_parts(photos, "data.photos"), filesystem=photos.arrow_fs,
                                            columns=["key", "status", "aligned", "aligned_landmarks"], **io)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from jobs.kinds.base import JobKind
 from jobs.spec import OutputSpec, StorageSpec, StrictModel, check_uri
@@ -107,15 +107,6 @@ class TrainJob(StrictModel):
     models: RegressorModels = RegressorModels()
     options: TrainOptions = TrainOptions()
     resources: TrainResources = TrainResources()
-
-    @model_validator(mode="after")
-    def _photos_for_expression(self) -> "TrainJob":
-        if self.model == "expression" and self.data.photos is not None:
-            # Photo pairs (self-reconstruction, same-person pairs) are not read yet:
-            # refusing them beats silently training on renders only.
-            raise ValueError("data.photos: model: expression trains on rig pairs only so far")
-        return self
-
 
 class TrainKind(JobKind):
     name = "train"

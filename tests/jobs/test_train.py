@@ -279,23 +279,27 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(regressor_data, uni
     assert max(float((straight[name] - recovered[name]).abs().max()) for name in straight) <= 1e-6
 
 
-def test_expression_gan_trains_on_rig_pairs_with_two_workers(ray_cluster, tmp_path):
+def test_expression_gan_trains_on_rig_pairs_and_photos_with_two_workers(regressor_data, tmp_path):
     from facecore.models.expression import ExpressionGenerator
 
     pairs = run(parse_spec({"kind": "render", "output": {"path": str(tmp_path / "pairs")},
                             "options": {"count": 96, "size": 64, "seed": 3, "align": "affine68",
                                         "pairs": "expression"}}), progress=False)
     assert pairs.ok_rows == 96
+    # The aligned sample photos join every step as pairs with themselves (self-reconstruction).
     spec = {"kind": "train", "model": "expression", "data": {"renders": str(tmp_path / "pairs"),
+                                                             "photos": str(regressor_data / "aligned"),
                                                              "validation_fraction": 0.15},
             "output": {"path": str(tmp_path / "expression")},
             "options": {"epochs": 2, "batch_size": 8, "image_size": 64, "base_channels": 8, "residual_blocks": 1,
-                        "pretrain_steps": 3, "learning_rate": 2e-3, "discriminator_learning_rate": 2e-3},
+                        "pretrain_steps": 3, "learning_rate": 2e-3, "discriminator_learning_rate": 2e-3,
+                        "photo_batch_size": 2},
             "resources": {"num_workers": 2}}
     metrics = train(parse_spec(spec))["metrics"]
     for loss in ("l1", "adversarial", "identity_discriminator", "expression_discriminator"):
         assert np.isfinite(metrics[f"loss_{loss}"]), loss
     assert 0 < metrics["l1"] < 0.2 and metrics["l1_copy_ratio"] > 0
+    assert metrics["validation"] == metrics["l1_baseline_ratio"] > 0
     assert 0 <= metrics["identity_accuracy"] <= 1 and 0 <= metrics["expression_accuracy"] <= 1
     generator = weights.load_model(ExpressionGenerator, str(tmp_path / "expression" / MODEL_DIR))
     assert generator.config.image_size == 64 and (tmp_path / "expression" / "best").is_dir()
@@ -311,3 +315,6 @@ def test_expression_gan_trains_on_rig_pairs_with_two_workers(ray_cluster, tmp_pa
         progress=False)
     with pytest.raises(ValueError, match="options.pairs: expression"):
         train(parse_spec({**spec, "data": {"renders": str(single)}, "output": {"path": str(tmp_path / "no")}}))
+    with pytest.raises(FileNotFoundError, match="data.photos"):
+        train(parse_spec({**spec, "data": {"renders": str(tmp_path / "pairs"), "photos": str(tmp_path / "none")},
+                          "output": {"path": str(tmp_path / "no")}}))

@@ -328,6 +328,7 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model_config = ExpressionConfig(image_size=options.image_size, base_channels=options.base_channels,
                                     residual_blocks=options.residual_blocks, stages=options.stages,
+                                    discriminator_channels=options.discriminator_channels,
                                     heatmap_mode=options.heatmap_mode, heatmap_sigma=options.heatmap_sigma)
     losses = ExpressionLossConfig(**options.expression_losses.model_dump())
     torch.manual_seed(options.seed)  # every rank starts from the same weights

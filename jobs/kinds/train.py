@@ -69,6 +69,7 @@ class TrainOptions(StrictModel):
     # expression only
     residual_blocks: int = Field(4, ge=0)  # G's bottleneck
     stages: int = Field(3, ge=1, le=6)  # G's down-sampling stages (4 at 128 px: a bottleneck of 8x8)
+    discriminator_channels: int = Field(32, ge=4)  # D_id's and D_e's first width
     heatmap_mode: Literal["single", "groups", "points"] = "groups"
     heatmap_sigma: float = Field(1.5, gt=0)  # blob size in pixels at 64 px, scaled with image_size
     pretrain_steps: int = Field(100, ge=0)  # D_id and D_e alone on real pairs before the GAN (the seed's pre-training)

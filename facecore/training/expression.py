@@ -12,6 +12,11 @@ G makes ``Î_t = G(I_s, L_s, L_t)``.
   landmarks, so that D_e checks the match and not only realism.
 - G: ``λ_GAN (BCE(D_id(Î_t, I_s), 1) + BCE(D_e(Î_t, L_t), 1)) + λ_c ||I_t − Î_t||₁``,
   the non-saturating form of the seed's ``L_GAN``; defaults λ_GAN = 0.5, λ_c = 1.
+  ``||·||₁`` is the L1 norm of each image's difference, as the seed writes it (a
+  sum over pixels and channels), averaged over the batch. With these weights the
+  adversarial terms sharpen and the L1 term leads. A first run that took the
+  per-pixel mean instead (1/49152 of the norm at 128 px) was led by the critics:
+  after one epoch its held-out L1 was 1.9 times the landmark warp's.
 
 The two phases alternate; in each, the networks not being updated have their
 gradients neither synchronised nor kept (:func:`facecore.training.state.no_sync`).
@@ -133,8 +138,10 @@ def gan_step(state: TrainState, batch: Batch, config: ExpressionLossConfig) -> d
                for name, value in losses.items()}
 
     fake, _ = generate(generator, batch)
-    l1 = (fake - batch["target"]).abs().mean()
+    difference = (fake - batch["target"]).abs()
+    norm = difference.flatten(1).sum(dim=1).mean()  # ||I_t − Î_t||₁ per image
     adversarial = _bce(d_id(fake, batch["source"]), True) + _bce(d_e(fake, batch["target_maps"]), True)
-    _update(state, ("generator",), config.gan * adversarial + config.l1 * l1, [d_id, d_e], config.grad_clip)
-    metrics.update(l1=float(l1.detach()), adversarial=float(adversarial.detach()))
+    _update(state, ("generator",), config.gan * adversarial + config.l1 * norm, [d_id, d_e], config.grad_clip)
+    # Reported per pixel, as every L1 figure of the project is.
+    metrics.update(l1=float(difference.mean().detach()), adversarial=float(adversarial.detach()))
     return metrics

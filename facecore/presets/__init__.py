@@ -1,8 +1,9 @@
-"""The models the project ships: a 64-px imitator (every pose, aligned), a face parser and the regressor.
+"""The models the project ships: a 64-px imitator (every pose, aligned), a face parser, the regressor
+and expression transfer's G.
 
 Built by ``scripts/train-presets`` (the render, align and ``facejobs train`` specs
 in ``presets/``) and committed as config.json + model.safetensors folders. A
-pinch or recognize spec without ``models:`` uses them.
+pinch, recognize or transfer spec without ``models:`` uses them.
 """
 
 from __future__ import annotations

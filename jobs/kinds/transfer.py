@@ -136,16 +136,21 @@ _WORK_SCHEMA = TRANSFER_SCHEMA.append(pa.field(_PHOTO, pa.binary())).append(pa.f
 
 
 def read_drivers(spec: TransferJob) -> pa.Table:
-    """The driver manifest's ``key`` and ``uri``; errors name ``options.targets.drivers``."""
+    """The driver manifest's ``key``, ``uri``, and ``status``/``error`` of the uris a worker must not
+    fetch (the input's rules: the job's own storage schemes, ``input.allowed_prefixes``); errors name
+    ``options.targets.drivers``."""
+    from jobs.kinds.base import refuse_bad_uris, storage_schemes
     from jobs.manifest import ManifestError, read_manifest
 
+    manifest = spec.options.targets.drivers
     try:
-        drivers = read_manifest(spec.options.targets.drivers, spec.storage)
+        drivers = read_manifest(manifest, spec.storage)
     except ManifestError as exc:
         raise ManifestError(str(exc).replace("input.manifest", "options.targets.drivers")) from None
     if drivers.num_rows > MAX_DRIVERS:
         raise ManifestError(f"options.targets.drivers: {drivers.num_rows} drivers; at most {MAX_DRIVERS}")
-    return drivers
+    schemes = storage_schemes(spec.input.manifest, manifest, spec.output.path)
+    return refuse_bad_uris(drivers, schemes, spec.input.allowed_prefixes)
 
 
 class TransferAlignStage(AlignStage):

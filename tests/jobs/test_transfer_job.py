@@ -118,14 +118,18 @@ def test_named_expressions_and_drivers(ray_cluster, photos, generator, tmp_path)
     blank = tmp_path / "blank.png"
     blank.write_bytes(np.zeros(1, np.uint8).tobytes())
     write_manifest([str(photos["biden.jpg"]), str(blank)], str(tmp_path / "d.parquet"), keys=["biden", "blank"])
+    # A driver uri the job may not fetch (another scheme) is refused like an input's.
+    write_manifest([str(photos["biden.jpg"]), str(blank), "http://127.0.0.1:9/face.jpg"],
+                   str(tmp_path / "d3.parquet"), keys=["biden", "blank", "web"])
     spec = parse_spec(_spec(tmp_path / "m.parquet", tmp_path / "cross", generator,
-                            {"drivers": str(tmp_path / "d.parquet"), "pairing": "cross"}))
+                            {"drivers": str(tmp_path / "d3.parquet"), "pairing": "cross"}))
     run(spec, progress=False)
     cross = pd.read_parquet(tmp_path / "cross").sort_values(["key", "target"])
     assert list(zip(cross.key, cross.target, cross.status)) == [
-        ("astronaut", "biden", "ok"), ("astronaut", "blank", "bad_driver"),
-        ("obama", "biden", "ok"), ("obama", "blank", "bad_driver")]
-    assert cross[cross.status == "bad_driver"].error.str.contains("driver .*blank.png").all()
+        ("astronaut", "biden", "ok"), ("astronaut", "blank", "bad_driver"), ("astronaut", "web", "bad_driver"),
+        ("obama", "biden", "ok"), ("obama", "blank", "bad_driver"), ("obama", "web", "bad_driver")]
+    assert cross[cross.target == "blank"].error.str.contains("driver .*blank.png").all()
+    assert cross[cross.target == "web"].error.str.contains("bad_uri: uri scheme 'http' is not allowed").all()
     _check_ok_rows(cross[cross.status == "ok"])
     # Both faces get the driver's one expression.
     driven = np.stack(cross[cross.status == "ok"].target_params.to_numpy())

@@ -1,8 +1,10 @@
-"""Transfer speed: G batched vs one face at a time, and the transfer job vs a plain loop.
+"""Transfer speed: the model's work batched vs one face at a time, and the transfer job vs a plain loop.
 
 All in one run on the same models and the sample photos:
-1. faces/s of G's forward on batches of 32 vs on one face at a time (the same
-   inputs: aligned sample faces, each with a drawn target); ``batched`` is the ratio;
+1. faces/s of the transfer job's model stage (the regressor, the target
+   landmarks, G, the identity score) on batches of 32 vs one face at a time:
+   ``batched``; and of G's forward alone, in calls of 8 (what the stage makes on
+   a CPU) and of 32 vs one face a call: ``batched_g``, ``batched_g32``;
 2. the ``transfer`` job on Ray (2 CPUs, ``targets: {augment: K}``) vs a plain loop
    doing the same work in one process: the job's own stages (fetch, decode,
    detect, align and fan out; regressor, target landmarks, G, identity score;
@@ -34,7 +36,8 @@ from facecore.models.regressor import Regressor  # noqa: E402
 from facecore.presets import preset_path  # noqa: E402
 from facecore.rig import default_schema  # noqa: E402
 from jobs.kinds.recognize import model_inputs  # noqa: E402
-from jobs.kinds.transfer import TransferAlignStage, TransferFinishStage, TransferOptions, TransferStage  # noqa: E402
+from jobs.kinds.transfer import (G_CPU_CHUNK, TransferAlignStage, TransferFinishStage,  # noqa: E402
+                                 TransferOptions, TransferStage)
 from jobs.samples import sample_photos  # noqa: E402
 from jobs.stages import FetchStage  # noqa: E402
 
@@ -84,29 +87,44 @@ def main() -> None:
             generator(sources[part], inputs["source_maps"][part], inputs["target_maps"][part],
                       inputs["landmark_flow"][part])
 
-        forward(slice(0, 32))  # warm-up
+        def rate(calls: int) -> float:
+            forward(slice(0, calls))  # warm-up
+            started = time.perf_counter()
+            for start in range(0, args.images, calls):
+                forward(slice(start, start + calls))
+            return args.images / (time.perf_counter() - started)
+
+        g_rates = {calls: rate(calls) for calls in (1, G_CPU_CHUNK, 32)}
+    print(f"G at {side} px, faces/s by faces per call: " + ", ".join(f"{k}: {v:.1f}" for k, v in g_rates.items()))
+
+    rows = TransferAlignStage(options.model_copy(update={"paste_back": False}))(FetchStage()({
+        "key": [f"k{i:05d}" for i in range(args.images)],
+        "uri": [str(photos[i % len(photos)]) for i in range(args.images)]})).to_pylist()[:args.images]
+    stage = TransferStage(generator_uri, None, options, batch_size=32, device="cpu")
+    stage.infer(rows[:8])  # warm-up
+
+    def stage_rate(size: int) -> float:
         started = time.perf_counter()
-        for start in range(0, args.images, 32):
-            forward(slice(start, start + 32))
-        batched_fps = args.images / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for i in range(args.images):
-            forward(slice(i, i + 1))
-        single_fps = args.images / (time.perf_counter() - started)
-    print(f"G at {side} px: batches of 32 {batched_fps:.1f} faces/s, one at a time {single_fps:.1f} faces/s")
+        for start in range(0, len(rows), size):
+            stage.infer(rows[start:start + size])
+        return len(rows) / (time.perf_counter() - started)
+
+    batched_fps, single_fps = stage_rate(32), stage_rate(1)
+    print(f"model stage: batches of 32 {batched_fps:.1f} faces/s, one at a time {single_fps:.1f} faces/s")
 
     paths = [photos[i % len(photos)] for i in range(args.images)]
     torch.set_num_threads(2)
     started = time.perf_counter()
-    rows = plain_loop(paths, generator_uri, options)
+    made = plain_loop(paths, generator_uri, options)
     plain_seconds = time.perf_counter() - started
     summary, job_seconds = timed_job({"kind": "transfer", "models": {"expression": generator_uri},
                                       "options": {"targets": {"augment": args.augment}},
                                       "resources": {"batch_size": 32, "concurrency": 1}}, paths)
-    assert summary.ok_rows == rows == args.images * args.augment, (summary, rows)
-    print(f"transfer job on Ray: {rows / job_seconds:.2f} results/s; plain loop {rows / plain_seconds:.2f}")
-    print(f"RESULT batched={batched_fps / single_fps:.2f} job_vs_plain={plain_seconds / job_seconds:.2f} "
-          f"g_fps={batched_fps:.1f} job_rps={rows / job_seconds:.2f}")
+    assert summary.ok_rows == made == args.images * args.augment, (summary, made)
+    print(f"transfer job on Ray: {made / job_seconds:.2f} results/s; plain loop {made / plain_seconds:.2f}")
+    print(f"RESULT batched={batched_fps / single_fps:.2f} batched_g={g_rates[G_CPU_CHUNK] / g_rates[1]:.2f} "
+          f"batched_g32={g_rates[32] / g_rates[1]:.2f} job_vs_plain={plain_seconds / job_seconds:.2f} "
+          f"stage_fps={batched_fps:.1f} job_rps={made / job_seconds:.2f}")
 
 
 if __name__ == "__main__":

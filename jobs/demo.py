@@ -1,10 +1,10 @@
-"""The demo: align, recognize and pinch jobs over real sample photos and broken files.
+"""The demo: align, recognize, pinch and transfer jobs over real sample photos and broken files.
 
 Everything runs on embedded defaults: a local Ray, local files, dlib's packaged
-models and the imitator, parser and regressor the project ships
+models and the imitator, parser, regressor and expression G the project ships
 (``facecore.presets``). The inputs are the sample photos of :mod:`jobs.samples`
 plus the bad-input corpus, so the output shows every status a real job produces;
-the recognize and pinch outputs get an HTML contact sheet each.
+the recognize, pinch and transfer outputs get an HTML contact sheet each.
 """
 
 from __future__ import annotations
@@ -50,8 +50,15 @@ def prepare_demo(folder: Path) -> list[Path]:
         "options": {"faces": "all"},
         "resources": {"concurrency": 1, "batch_size": 8},
     }
+    transfer = {
+        "kind": "transfer",  # no models: the shipped presets
+        "input": {"manifest": str(folder / "manifest.parquet")},
+        "output": {"path": str(folder / "transfer")},
+        "options": {"targets": {"expressions": ["smile", "surprise", "eyes_closed"]}},
+        "resources": {"concurrency": 1, "batch_size": 8},
+    }
     paths = []
-    for name, document in (("align", spec), ("recognize", recognize), ("pinch", pinch)):
+    for name, document in (("align", spec), ("recognize", recognize), ("pinch", pinch), ("transfer", transfer)):
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         paths.append(path)
@@ -69,6 +76,6 @@ def run_demo(folder: Path, progress: bool = True) -> list[tuple[Path, RunSummary
         spec = load_spec(spec_path)
         summary = run(spec, progress=progress)
         results.append((spec_path, summary))
-        if spec.kind in ("recognize", "pinch"):
+        if spec.kind in ("recognize", "pinch", "transfer"):
             print(f"{spec.kind} contact sheet: {write_report(spec.output.path)}")
     return results

@@ -33,7 +33,7 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
 
     assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "== align" in out and "== recognize" in out and "== pinch" in out
+    assert "== align" in out and "== recognize" in out and "== pinch" in out and "== transfer" in out
     for job in ("aligned", "recognize", "pinch"):
         frame = pd.read_parquet(tmp_path / "demo" / job)
         # 6 photos + 15 corpus files (two faces in one), GIF87a now among the ok rows; HEIC says unsupported.
@@ -51,6 +51,13 @@ def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, t
     starts = pinched[pinched.status == "ok"].set_index(["uri", "face_index"]).init_params
     found = recognized[recognized.status == "ok"].set_index(["uri", "face_index"]).params
     assert all(np.allclose(starts[key], found[key], atol=1e-5) for key in found.index)
+    # Transfer: three named expressions per ok face (largest face only), one row per bad input.
+    transferred = pd.read_parquet(tmp_path / "demo" / "transfer")
+    ok = transferred[transferred.status == "ok"]
+    assert len(ok) == 3 * 12 and len(transferred) == 3 * 12 + 8
+    assert sorted(set(ok.target)) == ["eyes_closed", "smile", "surprise"]
+    assert (ok.id_distance < 0.6).mean() >= 0.9 and ok.frame.notna().all()
+    assert (tmp_path / "demo" / "transfer" / "_report.html").is_file()
 
 
 def test_a_driver_inside_a_cluster_joins_it_as_it_is(monkeypatch):

@@ -28,7 +28,7 @@ def test_bad_spec_exit_code_and_message(tmp_path, capsys):
 
 
 # The demo's pinch job starts from the shipped regressor (options.init: recognize).
-def test_demo_runs_align_then_pinch_on_the_shipped_models(ray_cluster, photos, tmp_path, capsys):
+def test_demo_runs_align_recognize_pinch_and_transfer_on_the_shipped_models(ray_cluster, photos, tmp_path, capsys):
     import pandas as pd
 
     assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0

@@ -273,6 +273,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{location}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check across sections: its message names the fields, the caller the spec
+        return message
     given = error.get("input")
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
         return f"{location}: {message} (got {given!r})"

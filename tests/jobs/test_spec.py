@@ -40,6 +40,9 @@ def test_defaults():
         (_with(input__manifest="s3://key:secret@bucket/m.parquet"), r"credentials must not be embedded"),
         (_with(storage__aws_secret_access_key="x"), r"storage\.aws_secret_access_key: unknown field"),
         (_with(output__path="ftp://host/out"), r"output\.path: .*unsupported scheme 'ftp'"),
+        # A check across sections names its fields once, after the spec's name.
+        ({"kind": "render", "input": {"manifest": "m"}, "output": {"path": "o"}, "options": {"pairs": "expression"}},
+         r"^spec: options\.pairs draws each pair from the seed; it cannot be used with an input manifest$"),
     ],
 )
 def test_errors_name_the_field(spec, message):

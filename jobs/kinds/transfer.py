@@ -347,9 +347,6 @@ class TransferFinishStage:
                 frame = paste_back(photos[row["key"]], result, np.asarray(row["matrix"]),
                                    feather=max(1, round(self.options.feather * side)), region=region)
                 row["frame"] = encode_png(frame)
-        for row in rows:
-            row.pop(_PHOTO, None)
-            row.pop("result_side", None)
         schema = TRANSFER_SCHEMA
         if DEVICE_COLUMN in table.column_names:
             schema = schema.append(pa.field(DEVICE_COLUMN, pa.string()))

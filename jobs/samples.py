@@ -285,9 +285,10 @@ def aligned_renders(count: int, seed: int, size: int):
     return images, landmarks, np.array(table.column("params").to_pylist(), np.float32)
 
 
-def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: float = 0.05):
-    """Rig pairs of one identity with two expressions, each face aligned like a photo, as the render
-    job makes them (``pairs: expression``, ``align: affine68``).
+def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: float = 0.05,
+                             pair_frame: str = "source"):
+    """Rig pairs of one identity with two expressions, aligned as the render job aligns them
+    (``pairs: expression``, ``align: affine68``, ``pair_frame``: the target in the source's frame by default).
 
     Returns (source, target), each (images (N, S, S, 3) uint8, landmarks (N, 68, 2)
     float32 in the crop, vectors (N, D) float32). For tests and benches that need a
@@ -299,7 +300,7 @@ def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: floa
     from jobs.kinds.render import RenderOptions, RenderStage
 
     stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68", pairs="expression",
-                                      pose_jitter=pose_jitter))
+                                      pose_jitter=pose_jitter, pair_frame=pair_frame))
     table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
                    "status": ["ok"] * count, "error": [None] * count})
 

@@ -36,6 +36,12 @@ class RenderOptions(StrictModel):
     # the pose moved by up to ±pose_jitter; expression transfer's training data.
     pairs: Literal["none", "expression"] = "none"
     pose_jitter: float = Field(0.05, ge=0.0, le=1.0)
+    # With align: where a pair's target is aligned. "source": through the source's
+    # transform, so both share one frame, as a transfer job's result shares the
+    # source's aligned crop (what G is trained and judged on). "target": by a fit on
+    # its own landmarks, as two photos of one person are each aligned; the frame
+    # then changes with the expression (an open jaw shrinks the whole crop).
+    pair_frame: Literal["source", "target"] = "source"
 
     @field_validator("rig")
     @classmethod
@@ -133,17 +139,21 @@ class RenderStage:
         self.renderer = Renderer(self.schema)
         self._reference = None
 
-    def _aligned(self, image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray):
-        import cv2
-
-        from facecore.face import transform
+    def _alignment(self, landmarks: np.ndarray) -> np.ndarray:
+        """The 2x3 affine taking a render onto the reference face by a fit on its 68 landmarks."""
         from facecore.face.detector import alignment_matrix
         from facecore.rig import reference_face
 
         if self._reference is None:
             self._reference = reference_face(self.options.size)
+        return alignment_matrix(landmarks, self._reference, "affine68")
+
+    def _aligned(self, image: np.ndarray, mask: np.ndarray, landmarks: np.ndarray, matrix: np.ndarray):
+        import cv2
+
+        from facecore.face import transform
+
         size = self.options.size
-        matrix = alignment_matrix(landmarks, self._reference, "affine68")
         # The rig's background is flat: replicating its edge fills what the warp uncovers.
         image = transform.warp(image, matrix, size, border=cv2.BORDER_REPLICATE)
         mask = cv2.warpAffine(mask, matrix, (size, size), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
@@ -161,12 +171,15 @@ class RenderStage:
         (source,), (target,) = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed)
         return self.schema.encode(source), self.schema.encode(target)
 
-    def _draw(self, vector: np.ndarray):
+    def _draw(self, vector: np.ndarray, matrix: np.ndarray | None = None):
+        """(image, mask, landmarks, alignment) of one render; with ``align``, warped by ``matrix`` when
+        given, else by a fit on its own landmarks (the alignment is None without ``align``)."""
         render = self.renderer.render(vector, self.options.size)
         image, mask, landmarks = render.image, render.mask, render.landmarks
         if self.options.align == "affine68":
-            image, mask, landmarks = self._aligned(image, mask, landmarks)
-        return image, mask, landmarks
+            matrix = self._alignment(landmarks) if matrix is None else matrix
+            image, mask, landmarks = self._aligned(image, mask, landmarks, matrix)
+        return image, mask, landmarks, matrix
 
     def __call__(self, batch: Batch) -> pa.Table:
         cols = columns(batch)
@@ -185,8 +198,9 @@ class RenderStage:
             else:
                 vector = self.params_for(int(cols["index"][i]))
             try:
-                image, mask, landmarks = self._draw(vector)
-                drawn_target = None if target is None else self._draw(target)
+                image, mask, landmarks, alignment = self._draw(vector)
+                shared = alignment if self.options.pair_frame == "source" else None
+                drawn_target = None if target is None else self._draw(target, shared)
             except Exception as exc:  # a parameter set the renderer cannot draw
                 rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
                              "params": vector.tolist()})

@@ -62,6 +62,20 @@ def test_expression_pairs_share_the_person_and_are_drawn_per_row():
     assert alone["target_params"] == rows[4]["target_params"] and alone["target_image"] == rows[4]["target_image"]
 
 
+def test_expression_pair_targets_share_the_source_frame_unless_asked_otherwise():
+    from jobs.samples import aligned_expression_pairs
+
+    # No pose change: in the source's frame nothing but the expression moves (the
+    # nose bridge stays put, the background's corner is the same pixels); each
+    # aligned on its own landmarks, the frame follows the expression.
+    (source, source_points, _), (target, target_points, _) = aligned_expression_pairs(6, 2, 64, pose_jitter=0.0)
+    assert np.abs(source_points[:, 27:31] - target_points[:, 27:31]).max() < 1e-4
+    assert np.array_equal(source[:, :4, :4], target[:, :4, :4])
+    (source, source_points, _), (target, target_points, _) = aligned_expression_pairs(6, 2, 64, pose_jitter=0.0,
+                                                                                      pair_frame="target")
+    assert np.linalg.norm(source_points[:, 27:31] - target_points[:, 27:31], axis=2).mean() > 0.1
+
+
 @pytest.mark.ray
 def test_render_job_writes_images_masks_landmarks(ray_cluster, tmp_path):
     summary = run(parse_spec(_spec(tmp_path / "out")), progress=False)

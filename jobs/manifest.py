@@ -133,6 +133,24 @@ def read_manifest(uri: str, storage: StorageSpec | None = None) -> pa.Table:
     return pa.table({"key": keys, "uri": resolved})
 
 
+def read_identities(uri: str, storage: StorageSpec | None = None, column: str = "identity") -> dict[str, str]:
+    """Each manifest row's person: ``{key: identity}`` from the manifest's ``column``.
+
+    The keys are the ones the manifest's jobs give their rows (its ``key`` column,
+    or the keys made from its uris), so an align job's output on this manifest
+    joins on them. Rows with an empty or null identity are left out.
+
+    Raises:
+        ManifestError: as :func:`read_manifest`, and when there is no ``column``.
+    """
+    keys = read_manifest(uri, storage).column("key")
+    table = _read_table(locate(uri, storage), columns=("key", "uri", column))
+    if column not in table.column_names:
+        raise ManifestError(f"data.photo_identities: {uri} has no {column!r} column (columns: {table.column_names})")
+    names = table.column(column).cast(pa.string()).to_pylist()
+    return {key: name for key, name in zip(keys.to_pylist(), names) if name}
+
+
 def _read_table(location: Location, columns: tuple[str, ...] | None = None) -> pa.Table:
     """The manifest's table; from Parquet only ``columns`` (those it has), when given."""
     path = location.path

@@ -30,6 +30,7 @@ from facecore.models.parsing import FaceParser, ParsingConfig
 from facecore.training.steps import imitator_eval, imitator_step, parser_eval, parser_step
 from jobs.output import PART_PREFIX, PART_SUFFIX, OutputFolder
 from jobs.kinds.train import TrainJob
+from jobs.manifest import read_identities
 from jobs.storage import fsspec_options, locate
 
 log = logging.getLogger(__name__)
@@ -162,14 +163,28 @@ def _render_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device)
 
 
 def _photo_tensors(shard, size: int, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """Every aligned photo of an align output (a few thousand at most) as tensors, once per worker."""
+    """Every aligned photo of an align output (a few thousand at most) as tensors, once per worker; with an
+    ``identity`` column also ``identity``, (N,) int64 person codes (-1: unknown, pairs with no other)."""
     rows = {"image": [], "landmarks": []}
+    names = []
     for raw in shard.iter_batches(batch_size=256, batch_format="numpy"):
         rows["image"].extend(raw["aligned"])
         rows["landmarks"].extend(raw["aligned_landmarks"])
+        if "identity" in raw:
+            names.extend(raw["identity"])
     if not rows["image"]:
         return None
-    return _render_tensors({name: np.array(values, dtype=object) for name, values in rows.items()}, size, device)
+    tensors = _render_tensors({name: np.array(values, dtype=object) for name, values in rows.items()}, size, device)
+    if names:
+        codes = {name: code for code, name in enumerate(sorted({str(n) for n in names if n}))}
+        tensors["identity"] = torch.tensor([codes[str(n)] if n else -1 for n in names], dtype=torch.int64)
+    return tensors
+
+
+def _with_identity(batch: dict[str, np.ndarray], identities: dict[str, str]) -> dict[str, np.ndarray]:
+    """An ``identity`` column from ``{key: person}`` ("" where the key has none)."""
+    batch["identity"] = np.array([identities.get(str(key), "") for key in batch["key"]], dtype=object)
+    return batch
 
 
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -291,13 +306,26 @@ def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> d
     return batch | {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
-def _self_pairs(photos: dict[str, torch.Tensor], pick: torch.Tensor, config) -> dict[str, torch.Tensor]:
-    """Photos as pairs with themselves (target = source, same landmarks): self-reconstruction."""
+def _photo_pairs(photos: dict[str, torch.Tensor], pick: torch.Tensor, share: float, config,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Photos ``pick`` as (source, target) pairs: the first ``share`` of them with another photo of
+    their person when they have one (``photos["identity"]``), the rest with themselves
+    (self-reconstruction: target = source, same landmarks)."""
     from facecore.models.expression import generator_inputs
 
-    images, landmarks = photos["image"][pick], photos["landmarks"][pick]
-    inputs = generator_inputs(landmarks, landmarks, config)
-    return {"source": images, "target": images, **{name: t.to(images.device) for name, t in inputs.items()}}
+    partner = pick.clone()
+    if "identity" in photos:
+        identity, everyone = photos["identity"], torch.arange(len(photos["identity"]))
+        for i in range(int(round(share * len(pick)))):
+            person = identity[pick[i]]
+            others = torch.nonzero((identity == person) & (everyone != pick[i]) & (person >= 0)).flatten()
+            if len(others):
+                partner[i] = others[torch.randint(len(others), (1,), generator=generator)]
+    device = photos["image"].device
+    pick, partner = pick.to(device), partner.to(device)
+    inputs = generator_inputs(photos["landmarks"][pick], photos["landmarks"][partner], config)
+    return {"source": photos["image"][pick], "target": photos["image"][partner],
+            **{name: t.to(device) for name, t in inputs.items()}}
 
 
 def expression_loop_per_worker(config: dict[str, Any]) -> None:
@@ -367,8 +395,8 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
             batch = _pair_tensors(raw, model_config, device)
             if photos is not None and state.steps["identity_discriminator"] % options.photo_every == 0:
                 pick = torch.randint(len(photos["image"]), (options.photo_batch_size,), generator=state.generator)
-                own = _self_pairs(photos, pick.to(device), model_config)
-                batch = {name: torch.cat([batch[name], own[name]]) for name in batch}
+                real = _photo_pairs(photos, pick, options.photo_pairs, model_config, state.generator)
+                batch = {name: torch.cat([batch[name], real[name]]) for name in batch}
             pretraining = state.steps["identity_discriminator"] < options.pretrain_steps
             metrics = (pretrain_step if pretraining else gan_step)(state, batch, losses)
             for name in (("identity_discriminator", "expression_discriminator") if pretraining else state.schedulers):
@@ -487,6 +515,15 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
         photo_rows_count = photo_data.count()
         if photo_rows_count == 0:
             raise ValueError(f"data.photos: {photos.uri} has no aligned faces (status ok)")
+        if spec.data.photo_identities:
+            identities = read_identities(spec.data.photo_identities, spec.storage)
+            photo_data = photo_data.map_batches(_with_identity, batch_format="numpy",
+                                                fn_kwargs={"identities": identities}, **io).materialize()
+            named = photo_data.filter(lambda row: bool(row["identity"]), **io).count()
+            if named == 0:
+                raise ValueError(f"data.photo_identities: none of its keys is a face of data.photos {photos.uri} "
+                                 "(is it the manifest the align job ran on?)")
+            log.info("photo identities: %d of %d aligned faces named", named, photo_rows_count)
     if spec.data.photos and spec.model == "parser":
         photos = locate(spec.data.photos, spec.storage)
         photo_parts = _parts(photos, "data.photos")

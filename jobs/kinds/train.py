@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs.kinds.base import JobKind
 from jobs.spec import OutputSpec, StorageSpec, StrictModel, check_uri
@@ -20,8 +20,12 @@ class TrainData(StrictModel):
     photos: str | None = None
     validation_fraction: float = Field(0.1, gt=0, lt=1)  # held out, by key hash
     photo_repeat: int = Field(1, ge=1, le=10000)  # times each photo row appears per epoch
+    # expression only: the manifest the `photos` align job ran on, with an
+    # `identity` column naming each photo's person: photos of one person become
+    # source/target pairs (options.photo_pairs) besides self-reconstruction.
+    photo_identities: str | None = None
 
-    @field_validator("renders", "photos")
+    @field_validator("renders", "photos", "photo_identities")
     @classmethod
     def _data_uri(cls, value: str | None) -> str | None:
         return value if value is None else check_uri(value, "data")
@@ -73,6 +77,9 @@ class TrainOptions(StrictModel):
     heatmap_mode: Literal["single", "groups", "points"] = "groups"
     heatmap_sigma: float = Field(1.5, gt=0)  # blob size in pixels at 64 px, scaled with image_size
     pretrain_steps: int = Field(100, ge=0)  # D_id and D_e alone on real pairs before the GAN (the seed's pre-training)
+    # With data.photo_identities: the share of each step's photos paired with another
+    # photo of their person (when they have one); the rest pair with themselves.
+    photo_pairs: float = Field(0.5, ge=0, le=1)
     expression_losses: ExpressionLosses = ExpressionLosses()
     # The validation figure that picks the `best` checkpoint, and which way is better.
     best_metric: str = "validation"
@@ -108,6 +115,14 @@ class TrainJob(StrictModel):
     models: RegressorModels = RegressorModels()
     options: TrainOptions = TrainOptions()
     resources: TrainResources = TrainResources()
+
+    @model_validator(mode="after")
+    def _identities_need_photos(self) -> "TrainJob":
+        if self.data.photo_identities is not None and (self.model != "expression" or self.data.photos is None):
+            raise ValueError("data.photo_identities: pairs the photos of data.photos for model: expression; "
+                             f"this job has model: {self.model} and data.photos: {self.data.photos}")
+        return self
+
 
 class TrainKind(JobKind):
     name = "train"

@@ -83,3 +83,26 @@ def test_resume_restores_all_three_networks_exactly(batch, tmp_path):
         for a, b in zip(straight.modules[name].state_dict().values(), resumed.modules[name].state_dict().values()):
             assert torch.allclose(a, b, atol=1e-6), name
     assert resumed.steps == straight.steps
+
+
+def test_photos_pair_with_another_photo_of_their_person_or_with_themselves():
+    from facecore.models.expression import ExpressionConfig
+    from jobs.train import _photo_pairs
+
+    config = ExpressionConfig(image_size=32, stages=2)
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 32, 32).contiguous()
+    landmarks = torch.rand(5, 68, 2) * 20 + 6
+    photos = {"image": images, "landmarks": landmarks, "identity": torch.tensor([0, 0, 1, -1, 0])}
+    pick = torch.tensor([0, 2, 3, 1, 4, 0])
+    drawn = torch.Generator().manual_seed(0)
+    pairs = _photo_pairs(photos, pick, 1.0, config, drawn)
+    partners = pairs["target"][:, 0, 0, 0].long().tolist()
+    assert pairs["source"][:, 0, 0, 0].long().tolist() == pick.tolist()
+    # photo 0's person has photos 1 and 4; photo 2's and the unnamed photo 3 have no one else
+    assert partners[0] in (1, 4) and partners[1] == 2 and partners[2] == 3 and partners[3] in (0, 4)
+    assert partners[4] in (0, 1) and partners[5] in (1, 4)
+    assert pairs["landmark_flow"].shape == (6, 2, 32, 32) and pairs["landmark_flow"][1].abs().max() == 0
+    half = _photo_pairs(photos, pick, 0.5, config, drawn)["target"][:, 0, 0, 0].long().tolist()
+    assert half[3:] == pick[3:].tolist() and half[0] != 0  # the second half reconstructs itself
+    alone = _photo_pairs({"image": images, "landmarks": landmarks}, pick, 1.0, config, drawn)
+    assert torch.equal(alone["target"], alone["source"])

@@ -80,3 +80,16 @@ def test_folder_of_parquet(tmp_path):
     pq.write_table(pa.table({"uri": ["a.jpg"]}), tmp_path / "m" / "0.parquet")
     pq.write_table(pa.table({"uri": ["b.jpg"]}), tmp_path / "m" / "1.parquet")
     assert read_manifest(str(tmp_path / "m")).num_rows == 2
+
+
+def test_identities_join_on_the_keys_the_manifest_gives_its_rows(tmp_path):
+    from jobs.manifest import read_identities
+
+    (tmp_path / "m.csv").write_text("uri,identity\na.jpg,ann\nb.jpg,\nc.jpg,ann\nd.jpg,7\n")
+    keys = read_manifest(str(tmp_path / "m.csv")).column("key").to_pylist()
+    assert read_identities(str(tmp_path / "m.csv")) == {keys[0]: "ann", keys[2]: "ann", keys[3]: "7"}
+    (tmp_path / "k.csv").write_text("key,uri,identity\nx,a.jpg,ann\ny,b.jpg,bob\n")
+    assert read_identities(str(tmp_path / "k.csv")) == {"x": "ann", "y": "bob"}
+    (tmp_path / "none.csv").write_text("uri\na.jpg\n")
+    with pytest.raises(ManifestError, match="data.photo_identities: .* no 'identity' column"):
+        read_identities(str(tmp_path / "none.csv"))

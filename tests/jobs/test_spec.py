@@ -95,3 +95,9 @@ def test_pinch_defaults_to_the_shipped_models_and_the_regressors_start():
     with pytest.raises(SpecError, match=r"data\.photo_repeat"):
         parse_spec({"kind": "train", "model": "parser", "data": {"renders": "r", "photo_repeat": 0},
                     "output": {"path": "o"}})
+    with pytest.raises(SpecError, match=r"data\.photo_identities: .* model: parser"):
+        parse_spec({"kind": "train", "model": "parser", "data": {"renders": "r", "photos": "p",
+                                                                 "photo_identities": "m.csv"}, "output": {"path": "o"}})
+    with pytest.raises(SpecError, match=r"data\.photo_identities: .* data\.photos: None"):
+        parse_spec({"kind": "train", "model": "expression", "data": {"renders": "r", "photo_identities": "m.csv"},
+                    "output": {"path": "o"}})

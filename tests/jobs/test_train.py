@@ -279,16 +279,21 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(regressor_data, uni
     assert max(float((straight[name] - recovered[name]).abs().max()) for name in straight) <= 1e-6
 
 
-def test_expression_gan_trains_on_rig_pairs_and_photos_with_two_workers(regressor_data, tmp_path):
+def test_expression_gan_trains_on_rig_pairs_and_photos_with_two_workers(regressor_data, photos, tmp_path):
     from facecore.models.expression import ExpressionGenerator
 
     pairs = run(parse_spec({"kind": "render", "output": {"path": str(tmp_path / "pairs")},
                             "options": {"count": 96, "size": 64, "seed": 3, "align": "affine68",
                                         "pairs": "expression"}}), progress=False)
     assert pairs.ok_rows == 96
-    # The aligned sample photos join every step as pairs with themselves (self-reconstruction).
+    # The aligned sample photos join every step: the three of one person as pairs
+    # of two of his photos, half of the time, the rest with themselves.
+    people = pd.DataFrame({"uri": [str(p) for p in photos.values()],
+                           "identity": [name.split(".")[0].rstrip("0123456789") for name in photos]})
+    people.to_csv(tmp_path / "people.csv", index=False)
     spec = {"kind": "train", "model": "expression", "data": {"renders": str(tmp_path / "pairs"),
                                                              "photos": str(regressor_data / "aligned"),
+                                                             "photo_identities": str(tmp_path / "people.csv"),
                                                              "validation_fraction": 0.15},
             "output": {"path": str(tmp_path / "expression")},
             "options": {"epochs": 2, "batch_size": 8, "image_size": 64, "base_channels": 8, "residual_blocks": 1,
@@ -317,4 +322,8 @@ def test_expression_gan_trains_on_rig_pairs_and_photos_with_two_workers(regresso
         train(parse_spec({**spec, "data": {"renders": str(single)}, "output": {"path": str(tmp_path / "no")}}))
     with pytest.raises(FileNotFoundError, match="data.photos"):
         train(parse_spec({**spec, "data": {"renders": str(tmp_path / "pairs"), "photos": str(tmp_path / "none")},
+                          "output": {"path": str(tmp_path / "no")}}))
+    pd.DataFrame({"uri": ["elsewhere.jpg"], "identity": ["x"]}).to_csv(tmp_path / "strangers.csv", index=False)
+    with pytest.raises(ValueError, match="data.photo_identities: none of its keys"):
+        train(parse_spec({**spec, "data": {**spec["data"], "photo_identities": str(tmp_path / "strangers.csv")},
                           "output": {"path": str(tmp_path / "no")}}))

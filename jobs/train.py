@@ -10,6 +10,7 @@ to ``<output>/model/``, the folder job specs point at.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -290,8 +291,10 @@ def regressor_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
-def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> dict[str, torch.Tensor]:
-    """A block of expression pairs (a ``pairs: expression`` render job's rows) as G and its critics take them."""
+def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device,
+                  with_landmarks: bool = False) -> dict[str, torch.Tensor]:
+    """A block of expression pairs (a ``pairs: expression`` render job's rows) as G and its critics take
+    them; ``with_landmarks`` adds the (B, 68, 2) ``source_landmarks`` and ``target_landmarks``."""
     from facecore.images import decode_png
     from facecore.models.expression import generator_inputs
     from jobs.kinds.recognize import model_inputs
@@ -303,6 +306,8 @@ def _pair_tensors(raw: dict[str, np.ndarray], config, device: torch.device) -> d
         images, landmarks[name] = model_inputs(crops, points, config.image_size)
         batch[name] = images.to(device)
     inputs = generator_inputs(landmarks["source"], landmarks["target"], config)
+    if with_landmarks:
+        inputs |= {f"{name}_landmarks": points for name, points in landmarks.items()}
     return batch | {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
@@ -336,7 +341,8 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
     ``data.photos``, every ``photo_every`` steps ``photo_batch_size`` aligned photos
     join the batch as pairs with themselves (self-reconstruction: G must leave a
     face alone when the landmarks do not move, and the critics see real photos as
-    real). Each epoch reports G's L1 on held-out pairs and its ratio to the
+    real) or, with ``data.photo_identities``, ``photo_pairs`` of them with another
+    photo of their person (:func:`_photo_pairs`). Each epoch reports G's L1 on held-out pairs and its ratio to the
     landmark-warp baseline's (``l1_baseline_ratio``, the ``validation`` figure) and
     to copying the source (``l1_copy_ratio``).
     """
@@ -346,7 +352,7 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from facecore.models.expression import (ExpressionConfig, ExpressionDiscriminator, ExpressionGenerator,
-                                            IdentityDiscriminator)
+                                            IdentityDiscriminator, landmark_flow)
     from facecore.training.expression import ExpressionLossConfig, gan_step, generate, pretrain_step
     from facecore.training.state import TrainState
 
@@ -357,7 +363,9 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
     model_config = ExpressionConfig(image_size=options.image_size, base_channels=options.base_channels,
                                     residual_blocks=options.residual_blocks, stages=options.stages,
                                     discriminator_channels=options.discriminator_channels,
-                                    heatmap_mode=options.heatmap_mode, heatmap_sigma=options.heatmap_sigma)
+                                    heatmap_mode=options.heatmap_mode, heatmap_sigma=options.heatmap_sigma,
+                                    flow_prior=options.flow_prior)
+    baseline_config = dataclasses.replace(model_config, flow_prior="warp")
     losses = ExpressionLossConfig(**options.expression_losses.model_dump())
     torch.manual_seed(options.seed)  # every rank starts from the same weights
     modules = {"generator": ExpressionGenerator(model_config).to(device),
@@ -408,9 +416,11 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
         error = copied = warped = faces = 0.0
         with torch.no_grad():
             for raw in validation_shard.iter_batches(batch_size=32, batch_format="numpy"):
-                batch = _pair_tensors(raw, model_config, device)
+                batch = _pair_tensors(raw, model_config, device, with_landmarks=True)
                 result, _ = generate(plain, batch)
-                baseline = F.grid_sample(batch["source"], plain.grid + batch["landmark_flow"].permute(0, 2, 3, 1),
+                # The baseline is the frame-anchored piecewise-affine warp, whatever flow G starts from.
+                flow = landmark_flow(batch["source_landmarks"], batch["target_landmarks"], baseline_config)
+                baseline = F.grid_sample(batch["source"], plain.grid + flow.permute(0, 2, 3, 1),
                                          mode="bilinear", padding_mode="border", align_corners=True)
                 error += float((result - batch["target"]).abs().mean()) * len(result)
                 copied += float((batch["source"] - batch["target"]).abs().mean()) * len(result)

@@ -48,17 +48,10 @@ def delaunay_triangles(points: np.ndarray) -> np.ndarray:
     return triangles[[len(set(t)) == 3 for t in triangles.tolist()]].astype(np.int64)
 
 
-def piecewise_affine_maps(source_landmarks: np.ndarray, target_landmarks: np.ndarray, width: int,
-                          height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each pixel of the result comes from: (H, W) float32 ``map_x``, ``map_y`` in source pixels.
-
-    The backward map of the piecewise-affine warp from ``source_landmarks`` to
-    ``target_landmarks`` (both (68, 2), pixels of a ``width`` x ``height`` frame),
-    as ``cv2.remap`` takes it; the expression model starts its flow from it.
-    """
-    border = frame_points(width, height)
-    source = np.concatenate([check_landmarks68(source_landmarks).astype(np.float64), border])
-    target = np.concatenate([check_landmarks68(target_landmarks).astype(np.float64), border])
+def _triangle_maps(source: np.ndarray, target: np.ndarray, width: int,
+                   height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward maps of the piecewise-affine warp over a Delaunay triangulation of ``target`` points,
+    and (H, W) bool: which output pixels a triangle covers (the rest map to themselves)."""
     triangles = delaunay_triangles(target)
 
     # Which target triangle covers each output pixel, then each pixel through
@@ -77,7 +70,53 @@ def piecewise_affine_maps(source_landmarks: np.ndarray, target_landmarks: np.nda
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
     map_x = matrices[..., 0, 0] * xs + matrices[..., 0, 1] * ys + matrices[..., 0, 2]
     map_y = matrices[..., 1, 0] * xs + matrices[..., 1, 1] * ys + matrices[..., 1, 2]
-    return map_x.astype(np.float32), map_y.astype(np.float32)
+    return map_x.astype(np.float32), map_y.astype(np.float32), owner >= 0
+
+
+def piecewise_affine_maps(source_landmarks: np.ndarray, target_landmarks: np.ndarray, width: int,
+                          height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of the result comes from: (H, W) float32 ``map_x``, ``map_y`` in source pixels.
+
+    The backward map of the piecewise-affine warp from ``source_landmarks`` to
+    ``target_landmarks`` (both (68, 2), pixels of a ``width`` x ``height`` frame),
+    as ``cv2.remap`` takes it.
+    """
+    border = frame_points(width, height)
+    source = np.concatenate([check_landmarks68(source_landmarks).astype(np.float64), border])
+    target = np.concatenate([check_landmarks68(target_landmarks).astype(np.float64), border])
+    map_x, map_y, _ = _triangle_maps(source, target, width, height)
+    return map_x, map_y
+
+
+def face_warp_maps(source_landmarks: np.ndarray, target_landmarks: np.ndarray, width: int, height: int,
+                   falloff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Backward maps of a warp that moves the face and leaves the rest of the picture be.
+
+    Inside the target landmarks' hull, the piecewise-affine warp of the landmarks
+    alone; outside it, each pixel moves as the nearest face pixel does, by a share
+    ``exp(-distance / falloff)`` (``falloff`` in pixels). Where an expression
+    changes and the pose does not, hair, neck and background stay put, which the
+    frame-anchored :func:`piecewise_affine_maps` does not give: its triangles from
+    the jaw to the frame's corners stretch everything between, and every stretched
+    edge blurs. The expression model starts its flow from these maps.
+    """
+    source = check_landmarks68(source_landmarks).astype(np.float64)
+    target = check_landmarks68(target_landmarks).astype(np.float64)
+    map_x, map_y, inside = _triangle_maps(source, target, width, height)
+    if not inside.any() or inside.all():
+        return map_x, map_y
+    # For every pixel outside, the nearest covered pixel (labels number the zero
+    # pixels of the input in raster order) and its distance.
+    distance, label = cv2.distanceTransformWithLabels((~inside).astype(np.uint8), cv2.DIST_L2,
+                                                      cv2.DIST_MASK_PRECISE, labelType=cv2.DIST_LABEL_PIXEL)
+    ys, xs = np.nonzero(inside)
+    near_y, near_x = ys[label - 1], xs[label - 1]
+    pixels_y, pixels_x = np.mgrid[0:height, 0:width].astype(np.float32)
+    share = np.exp(-distance / max(falloff, 1e-6)).astype(np.float32)
+    shift_x = (map_x - pixels_x)[near_y, near_x] * share
+    shift_y = (map_y - pixels_y)[near_y, near_x] * share
+    return (np.where(inside, map_x, pixels_x + shift_x).astype(np.float32),
+            np.where(inside, map_y, pixels_y + shift_y).astype(np.float32))
 
 
 def piecewise_affine_warp(image: np.ndarray, source_landmarks: np.ndarray,

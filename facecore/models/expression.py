@@ -48,6 +48,11 @@ class ExpressionConfig:
         residual_blocks: residual blocks at G's bottleneck.
         discriminator_channels: channels of the discriminators' first stage.
         mask_bias: the blend mask's starting logit (the warp's share is sigmoid of it).
+        flow_prior: the warp G corrects (``landmark_flow``). "face": the face's
+            landmarks move, the rest of the picture fades to still over
+            ``flow_falloff`` pixels (``face_warp_maps``); "warp": the baseline's
+            frame-anchored piecewise-affine warp (``piecewise_affine_maps``).
+        flow_falloff: the "face" prior's fade in pixels at 64 px (scaled with ``image_size``).
     """
 
     image_size: int = 64
@@ -58,8 +63,13 @@ class ExpressionConfig:
     residual_blocks: int = 4
     discriminator_channels: int = 32
     mask_bias: float = 4.0
+    flow_prior: str = "face"
+    flow_falloff: float = 2.5
 
     def __post_init__(self) -> None:
+        if self.flow_prior not in ("face", "warp") or self.flow_falloff <= 0:
+            raise ValueError(f"flow_prior must be 'face' or 'warp' and flow_falloff > 0, got {self.flow_prior!r}, "
+                             f"{self.flow_falloff}")
         if self.image_size % 2 ** self.stages or self.image_size < 2 ** (self.stages + 2):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**stages = {2 ** self.stages} "
                              f"and at least {2 ** (self.stages + 2)}")
@@ -186,17 +196,21 @@ class ExpressionDiscriminator(nn.Module):
 
 def landmark_flow(source_landmarks: torch.Tensor, target_landmarks: torch.Tensor,
                   config: ExpressionConfig) -> torch.Tensor:
-    """(B, 68, 2) source and target landmarks in crop pixels → (B, 2, S, S) the piecewise-affine
-    backward map as offsets from each pixel, in ``grid_sample``'s normalised coordinates."""
+    """(B, 68, 2) source and target landmarks in crop pixels → (B, 2, S, S) the backward map of
+    ``config.flow_prior``'s warp as offsets from each pixel, in ``grid_sample``'s normalised coordinates."""
     import numpy as np
 
-    from facecore.methods.landmark_warp import piecewise_affine_maps
+    from facecore.methods.landmark_warp import face_warp_maps, piecewise_affine_maps
 
     size = config.image_size
+    falloff = config.flow_falloff * size / 64.0
     pixels = np.arange(size, dtype=np.float32)
     flows = []
     for source, target in zip(source_landmarks.detach().cpu().numpy(), target_landmarks.detach().cpu().numpy()):
-        map_x, map_y = piecewise_affine_maps(source, target, size, size)
+        if config.flow_prior == "face":
+            map_x, map_y = face_warp_maps(source, target, size, size, falloff)
+        else:
+            map_x, map_y = piecewise_affine_maps(source, target, size, size)
         flows.append(np.stack([map_x - pixels[None, :], map_y - pixels[:, None]]) * (2.0 / (size - 1)))
     return torch.from_numpy(np.stack(flows).astype(np.float32)).to(source_landmarks.device)
 

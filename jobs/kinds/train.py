@@ -77,6 +77,9 @@ class TrainOptions(StrictModel):
     heatmap_mode: Literal["single", "groups", "points"] = "groups"
     heatmap_sigma: float = Field(1.5, gt=0)  # blob size in pixels at 64 px, scaled with image_size
     pretrain_steps: int = Field(100, ge=0)  # D_id and D_e alone on real pairs before the GAN (the seed's pre-training)
+    # The warp G corrects: "face" moves the face and fades to still around it;
+    # "warp" is the baseline's frame-anchored piecewise-affine warp.
+    flow_prior: Literal["face", "warp"] = "face"
     # With data.photo_identities: the share of each step's photos paired with another
     # photo of their person (when they have one); the rest pair with themselves.
     photo_pairs: float = Field(0.5, ge=0, le=1)

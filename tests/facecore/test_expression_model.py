@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def pair():
 def test_generator_starts_as_the_landmark_warp_and_learns_through_every_part(pair):
     source, source_points, target, target_points = pair
     torch.manual_seed(0)
-    config = ExpressionConfig(image_size=64, base_channels=8, residual_blocks=1)
+    config = ExpressionConfig(image_size=64, base_channels=8, residual_blocks=1, flow_prior="warp")
     generator = ExpressionGenerator(config)
     inputs = generator_inputs(source_points, target_points, config)
     assert inputs["source_maps"].shape == (4, config.heatmap_channels, 64, 64)
@@ -68,3 +69,23 @@ def test_bad_shapes_and_configs_are_refused(pair):
         ExpressionConfig(image_size=60)
     with pytest.raises(ValueError, match="mode"):
         ExpressionConfig(heatmap_mode="blobs")
+
+
+def test_the_face_prior_moves_the_face_and_leaves_the_picture_around_it(pair):
+    import cv2
+
+    from facecore.methods.landmark_warp import face_warp_maps
+
+    source, source_points, _, target_points = pair
+    config = ExpressionConfig(image_size=64, base_channels=8, residual_blocks=1)
+    assert config.flow_prior == "face"
+    generator = ExpressionGenerator(config)
+    inputs = generator_inputs(source_points, target_points, config)
+    _, parts = generator(source, inputs["source_maps"], inputs["target_maps"], inputs["landmark_flow"])
+    for i in range(len(source)):
+        map_x, map_y = face_warp_maps(source_points[i].numpy(), target_points[i].numpy(), 64, 64, 2.5)
+        expected = cv2.remap(source[i].permute(1, 2, 0).numpy(), map_x, map_y, cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        assert np.abs(parts["warped"][i].detach().permute(1, 2, 0).numpy() - expected).max() < 1e-4
+    with pytest.raises(ValueError, match="flow_prior"):
+        ExpressionConfig(flow_prior="tps")

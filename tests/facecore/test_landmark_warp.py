@@ -55,3 +55,26 @@ def test_float_and_grey_images_and_bad_shapes(face):
         piecewise_affine_warp(image, points[:5], target)
     with pytest.raises(ValueError, match="image"):
         piecewise_affine_warp(np.zeros(5), points, target)
+
+
+def test_face_warp_moves_the_face_like_the_baseline_and_fades_to_still_around_it(face):
+    from facecore.methods.landmark_warp import face_warp_maps, piecewise_affine_maps
+
+    _, points = face
+    pixels_y, pixels_x = np.mgrid[0:128, 0:128].astype(np.float32)
+    still = face_warp_maps(points, points, 128, 128, 5.0)
+    assert np.abs(still[0] - pixels_x).max() < 1e-3 and np.abs(still[1] - pixels_y).max() < 1e-3
+    opened = points.copy()
+    opened[5:12, 1] += 6.0  # the jaw drops
+    opened[55:60, 1] += 6.0
+    face_x, face_y = face_warp_maps(points, opened, 128, 128, 2.0)
+    base_x, base_y = piecewise_affine_maps(points, opened, 128, 128)
+    # On the face (the nose, between the eyes) both move alike...
+    for x, y in np.round(opened[[27, 30, 33, 51]]).astype(int):
+        assert abs(face_y[y, x] - base_y[y, x]) < 0.5 and abs(face_x[y, x] - base_x[y, x]) < 0.5
+    # ...just below the chin the face warp still follows the jaw; 12 px below,
+    # where the baseline's triangles to the frame still stretch the neck, it is still.
+    chin_x, chin_y = np.round(opened[8]).astype(int)
+    assert face_y[chin_y + 1, chin_x] - (chin_y + 1) < -3.0
+    assert abs(face_y[chin_y + 12, chin_x] - (chin_y + 12)) < 0.1 < abs(base_y[chin_y + 12, chin_x] - (chin_y + 12))
+    assert abs(face_y[2, 2] - 2) < 1e-3 and abs(face_x[125, 125] - 125) < 1e-3

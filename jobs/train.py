@@ -364,7 +364,7 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
                                     residual_blocks=options.residual_blocks, stages=options.stages,
                                     discriminator_channels=options.discriminator_channels,
                                     heatmap_mode=options.heatmap_mode, heatmap_sigma=options.heatmap_sigma,
-                                    flow_prior=options.flow_prior, gain_grid=options.gain_grid)
+                                    flow_prior=options.flow_prior)
     baseline_config = dataclasses.replace(model_config, flow_prior="warp")
     losses = ExpressionLossConfig(**options.expression_losses.model_dump())
     torch.manual_seed(options.seed)  # every rank starts from the same weights

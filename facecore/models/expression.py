@@ -11,12 +11,7 @@ predicts
   a function of ``L_s`` and ``L_t`` alone, so ``G(I_s, L_s, L_t)`` still holds);
 - a refinement image for what no warp of the source shows (an opened mouth's
   inside, a closed eye's lid),
-- a blend mask between the two;
-- a smooth brightness gain on the warp (a coarse grid, upsampled): light that
-  moves with the geometry. An opened jaw turns the cheeks and chin to the
-  light differently, which no warp of the source's pixels shows; in the rig,
-  the face's shading follows the chin. Coarse, it cannot paint texture, so on a
-  real photo it can only relight, not invent.
+- a blend mask between the two.
 
 A model trained mostly on rig renders then keeps a real photo's own pixels
 wherever a warp suffices, which is most of the face. At initialisation the
@@ -58,8 +53,6 @@ class ExpressionConfig:
             ``flow_falloff`` pixels (``face_warp_maps``); "warp": the baseline's
             frame-anchored piecewise-affine warp (``piecewise_affine_maps``).
         flow_falloff: the "face" prior's fade in pixels at 64 px (scaled with ``image_size``).
-        gain_grid: side of the grid of the warp's brightness gain (``image_size`` must be a
-            multiple of it); 0: no gain.
     """
 
     image_size: int = 64
@@ -72,14 +65,11 @@ class ExpressionConfig:
     mask_bias: float = 4.0
     flow_prior: str = "face"
     flow_falloff: float = 2.5
-    gain_grid: int = 16
 
     def __post_init__(self) -> None:
         if self.flow_prior not in ("face", "warp") or self.flow_falloff <= 0:
             raise ValueError(f"flow_prior must be 'face' or 'warp' and flow_falloff > 0, got {self.flow_prior!r}, "
                              f"{self.flow_falloff}")
-        if self.gain_grid < 0 or (self.gain_grid and self.image_size % self.gain_grid):
-            raise ValueError(f"gain_grid must be 0 or divide image_size {self.image_size}, got {self.gain_grid}")
         if self.image_size % 2 ** self.stages or self.image_size < 2 ** (self.stages + 2):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**stages = {2 ** self.stages} "
                              f"and at least {2 ** (self.stages + 2)}")
@@ -129,10 +119,6 @@ class ExpressionGenerator(nn.Module):
         nn.init.zeros_(self.flow.bias)
         nn.init.zeros_(self.mask.weight)
         nn.init.constant_(self.mask.bias, config.mask_bias)
-        if config.gain_grid:
-            self.gain = nn.Conv2d(widths[0], 1, 3, padding=1)
-            nn.init.zeros_(self.gain.weight)
-            nn.init.zeros_(self.gain.bias)
         side = torch.linspace(-1.0, 1.0, config.image_size)
         ys, xs = torch.meshgrid(side, side, indexing="ij")
         self.register_buffer("grid", torch.stack([xs, ys], dim=-1)[None], persistent=False)
@@ -141,8 +127,7 @@ class ExpressionGenerator(nn.Module):
                 landmark_flow: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the result and its parts: ``flow`` (B, 2, S, S) G's correction of ``landmark_flow``
         (both offsets in normalised coordinates, as :func:`landmark_flow` makes them), ``mask``
-        (B, 1, S, S) the warp's share, ``warped`` (before the gain) and ``refined`` (B, 3, S, S),
-        ``gain`` (B, 1, S, S) the warp's brightness gain (ones without ``gain_grid``)."""
+        (B, 1, S, S) the warp's share, ``warped`` and ``refined`` (B, 3, S, S)."""
         size, channels, batch = self.config.image_size, self.config.heatmap_channels, source.shape[0]
         if source.ndim != 4 or source.shape[1:] != (3, size, size):
             raise ValueError(f"expected source of shape (B, 3, {size}, {size}), got {tuple(source.shape)}")
@@ -168,17 +153,8 @@ class ExpressionGenerator(nn.Module):
                                padding_mode="border", align_corners=True)
         mask = torch.sigmoid(self.mask(x))
         refined = torch.sigmoid(self.refine(x))
-        if self.config.gain_grid:
-            # Averaged over cells, then smoothly upsampled: the gain can only vary
-            # slowly across the picture. Bounded to [0.61, 1.65], 1 at the start.
-            cells = F.adaptive_avg_pool2d(self.gain(x), self.config.gain_grid)
-            gain = torch.exp(0.5 * torch.tanh(F.interpolate(cells, size=(size, size), mode="bilinear",
-                                                            align_corners=False)))
-            lit = (warped * gain).clamp(0.0, 1.0)
-        else:
-            gain, lit = torch.ones_like(mask), warped
-        result = mask * lit + (1.0 - mask) * refined
-        return result, {"flow": flow, "mask": mask, "warped": warped, "refined": refined, "gain": gain}
+        result = mask * warped + (1.0 - mask) * refined
+        return result, {"flow": flow, "mask": mask, "warped": warped, "refined": refined}
 
 
 def _critic(in_channels: int, channels: int, size: int) -> nn.Sequential:

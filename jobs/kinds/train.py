@@ -80,8 +80,6 @@ class TrainOptions(StrictModel):
     # The warp G corrects: "face" moves the face and fades to still around it;
     # "warp" is the baseline's frame-anchored piecewise-affine warp.
     flow_prior: Literal["face", "warp"] = "face"
-    # Side of the coarse grid of G's brightness gain on the warp (0: none); must divide image_size.
-    gain_grid: int = Field(16, ge=0)
     # With data.photo_identities: the share of each step's photos paired with another
     # photo of their person (when they have one); the rest pair with themselves.
     photo_pairs: float = Field(0.5, ge=0, le=1)
@@ -126,15 +124,6 @@ class TrainJob(StrictModel):
         if self.data.photo_identities is not None and (self.model != "expression" or self.data.photos is None):
             raise ValueError("data.photo_identities: pairs the photos of data.photos for model: expression; "
                              f"this job has model: {self.model} and data.photos: {self.data.photos}")
-        return self
-
-    @model_validator(mode="after")
-    def _expression_geometry(self) -> "TrainJob":
-        # Checked here so a bad spec fails before the cluster starts, not in every worker.
-        options = self.options
-        if self.model == "expression" and options.gain_grid and options.image_size % options.gain_grid:
-            raise ValueError(f"options.gain_grid: {options.gain_grid} must divide options.image_size "
-                             f"{options.image_size} (or be 0: no gain)")
         return self
 
 

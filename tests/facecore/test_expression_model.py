@@ -34,7 +34,6 @@ def test_generator_starts_as_the_landmark_warp_and_learns_through_every_part(pai
     result, parts = generator(source, inputs["source_maps"], inputs["target_maps"], inputs["landmark_flow"])
     assert result.shape == source.shape and parts["flow"].shape == (4, 2, 64, 64)
     assert float(parts["flow"].detach().abs().max()) == 0.0
-    assert parts["gain"].shape == (4, 1, 64, 64) and float((parts["gain"] - 1.0).detach().abs().max()) == 0.0
     # Zero correction: the warp is the piecewise-affine baseline's, to interpolation.
     baseline = torch.stack([torch.from_numpy(piecewise_affine_warp(image.permute(1, 2, 0).numpy(), a.numpy(),
                                                                    b.numpy())).permute(2, 0, 1)
@@ -43,7 +42,7 @@ def test_generator_starts_as_the_landmark_warp_and_learns_through_every_part(pai
     assert float((parts["warped"] - source).detach().abs().mean()) > 0.003  # it does move the face
     assert float((result - baseline).detach().abs().mean()) < 0.02  # the mask favours the warp
     (result - target).abs().mean().backward()
-    for head in (generator.flow, generator.mask, generator.refine, generator.gain):
+    for head in (generator.flow, generator.mask, generator.refine):
         assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
 
 
@@ -70,8 +69,6 @@ def test_bad_shapes_and_configs_are_refused(pair):
         ExpressionConfig(image_size=60)
     with pytest.raises(ValueError, match="mode"):
         ExpressionConfig(heatmap_mode="blobs")
-    with pytest.raises(ValueError, match="gain_grid"):
-        ExpressionConfig(image_size=64, gain_grid=24)
 
 
 def test_the_face_prior_moves_the_face_and_leaves_the_picture_around_it(pair):

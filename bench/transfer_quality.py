@@ -85,9 +85,35 @@ def photo_results(generator_uri: str) -> tuple[list, list, list, list, list]:
             [f"{row['key']}:{row['target']}" for row in rows])
 
 
+REGIONS = ("outside", "face", "mouth", "eyes")
+
+
+def region_masks(source_points: np.ndarray, target_points: np.ndarray, size: int) -> np.ndarray:
+    """(N, 68, 2) twice → (N, 4, S, S) masks that split each crop into ``REGIONS``: the mouth and the
+    eyes (each the hull of the source's and the target's points), the rest of the face (the hull of
+    all 68 of both) and everything outside it."""
+    import cv2
+
+    masks = np.zeros((len(source_points), len(REGIONS), size, size), np.uint8)
+    features = {"mouth": [range(48, 60)], "eyes": [range(36, 42), range(42, 48)]}
+    for i, points in enumerate(zip(source_points, target_points)):
+        hull = cv2.convexHull(np.concatenate(points).astype(np.float32)).astype(np.int32)
+        cv2.fillConvexPoly(masks[i, 1], hull, 1)
+        for name, groups in features.items():
+            layer = masks[i, REGIONS.index(name)]
+            for group in groups:
+                part = np.concatenate([p[list(group)] for p in points]).astype(np.float32)
+                cv2.fillConvexPoly(layer, cv2.convexHull(part).astype(np.int32), 1)
+            masks[i, 1] &= 1 - layer
+        masks[i, 0] = masks[i, 1:].sum(axis=0) == 0
+    return masks
+
+
 def rig_scores(generator: ExpressionGenerator, pairs: int, seed: int, pose_jitter: float,
-               pair_frame: str) -> tuple[float, float, float]:
-    """Per-pixel L1 to the true target of G, of the baseline and of the unmoved source, on held-out rig pairs."""
+               pair_frame: str) -> dict[str, object]:
+    """On held-out rig pairs: the per-pixel L1 to the true target of G (``model``), of the baseline
+    and of the unmoved source (``copy``), and per region of the crop (``REGIONS``) the share of the
+    baseline's error there and G's ratio to it there (``regions``)."""
     size = generator.config.image_size
     (source, source_points, _), (target, target_points, _) = aligned_expression_pairs(
         pairs, seed, size, pose_jitter=pose_jitter, pair_frame=pair_frame)
@@ -105,9 +131,15 @@ def rig_scores(generator: ExpressionGenerator, pairs: int, seed: int, pose_jitte
                                   inputs["landmark_flow"])
             results.append(result)
     warped = np.stack([piecewise_affine_warp(image, a, b) for image, a, b in zip(source, source_points, target_points)])
-    return (float((torch.cat(results) - tensor(target)).abs().mean()),
-            float((tensor(warped) - tensor(target)).abs().mean()),
-            float((tensor(source) - tensor(target)).abs().mean()))
+    truth = tensor(target)
+    model_error = (torch.cat(results) - truth).abs().mean(dim=1)
+    baseline_error = (tensor(warped) - truth).abs().mean(dim=1)
+    masks = torch.from_numpy(region_masks(source_points, target_points, size)).float()
+    regions = {name: (float((baseline_error * masks[:, k]).sum() / baseline_error.sum()),
+                      float((model_error * masks[:, k]).sum() / (baseline_error * masks[:, k]).sum().clamp_min(1e-12)))
+               for k, name in enumerate(REGIONS)}
+    return {"model": float(model_error.mean()), "baseline": float(baseline_error.mean()),
+            "copy": float((tensor(source) - truth).abs().mean()), "regions": regions}
 
 
 def main() -> None:
@@ -122,10 +154,13 @@ def main() -> None:
     generator = weights.load_model(ExpressionGenerator, generator_uri).eval()
     rig = {name: rig_scores(generator, args.pairs, args.seed, jitter, frame)
            for name, jitter, frame in (("job", 0.0, "source"), ("pose", 0.05, "source"), ("reframed", 0.05, "target"))}
-    for name, (model_l1, baseline_l1, copy_l1) in rig.items():
-        print(f"held-out rig pairs ({name}): {args.pairs} at {generator.config.image_size} px: L1 G {model_l1:.4f}, "
-              f"baseline {baseline_l1:.4f}, copy {copy_l1:.4f}, ratio {model_l1 / baseline_l1:.3f}")
-    model_l1, baseline_l1, copy_l1 = rig["job"]
+    for name, scores in rig.items():
+        print(f"held-out rig pairs ({name}): {args.pairs} at {generator.config.image_size} px: "
+              f"L1 G {scores['model']:.4f}, baseline {scores['baseline']:.4f}, copy {scores['copy']:.4f}, "
+              f"ratio {scores['model'] / scores['baseline']:.3f}")
+        print("  where the baseline's error is, and G's ratio there: " + ", ".join(
+            f"{region} {share:.0%} -> {ratio:.2f}" for region, (share, ratio) in scores["regions"].items()))
+    model_l1, baseline_l1, copy_l1 = rig["job"]["model"], rig["job"]["baseline"], rig["job"]["copy"]
 
     sources, source_points, results, target_points, names = photo_results(generator_uri)
     warps = [piecewise_affine_warp(image, a, b) for image, a, b in zip(sources, source_points, target_points)]
@@ -140,8 +175,8 @@ def main() -> None:
     print(f"photos: {len(names)} results; baseline id_keep {(base['distance'] < 0.6).mean():.3f} "
           f"detect {base['detected'].mean():.3f}")
     print(f"RESULT rig_l1_ratio={model_l1 / baseline_l1:.3f} id_keep={id_keep:.3f} nme_ratio={nme_ratio:.3f} "
-          f"detect={detect:.3f} pose_l1_ratio={rig['pose'][0] / rig['pose'][1]:.3f} "
-          f"reframed_l1_ratio={rig['reframed'][0] / rig['reframed'][1]:.3f} rig_l1={model_l1:.4f} "
+          f"detect={detect:.3f} pose_l1_ratio={rig['pose']['model'] / rig['pose']['baseline']:.3f} "
+          f"reframed_l1_ratio={rig['reframed']['model'] / rig['reframed']['baseline']:.3f} rig_l1={model_l1:.4f} "
           f"baseline_l1={baseline_l1:.4f} copy_l1={copy_l1:.4f} "
           f"nme={model['nme'][both].mean():.4f} baseline_nme={base['nme'][both].mean():.4f} photos={len(names)}")
 

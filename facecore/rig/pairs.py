@@ -1,10 +1,13 @@
-"""Pairs of rig faces for expression transfer: one person, two expressions (SPEC.md §1).
+"""Pairs of rig faces with a ground truth: for expression transfer (SPEC.md §1) and face swap (§2).
 
-The seed trains ``G(I_s, L_s, L_t)`` on a source and a target image of the same
+Expression transfer: the seed trains ``G(I_s, L_s, L_t)`` on a source and a target image of the same
 identity, so that ``||I_t − Î_t||₁`` has a ground truth. On the rig that is exact:
 the pair shares every identity, appearance and style parameter; the target's
 expression is drawn afresh and its pose moves a little (photos of one person are
 never taken from exactly the same angle).
+
+Face swap: two people, and the render of the source's identity with everything
+else of the target, which is exactly what a swap should produce (:func:`swap_pairs`).
 """
 
 from __future__ import annotations
@@ -48,3 +51,26 @@ def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int, po
                        if name not in fixed})
         targets.append(target)
     return sources, targets
+
+
+def swap_pairs(schema: RigSchema, rng: np.random.Generator, count: int, fixed: Mapping[str, Any] | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``count`` (source, target, truth) parameter sets for face swap: two people drawn apart, and
+    the swap's ground truth, the target with the source's identity parameters (face, features and
+    head shape) and everything else its own (expression, pose, appearance, hair, brow and beard
+    styles): what ``render(identity of source, everything else of target)`` shows.
+
+    Args:
+        schema: the rig.
+        rng: where the draws come from; the same seed gives the same pairs.
+        count: pairs to draw.
+        fixed: parameters held at a value in all three faces (as :meth:`RigSchema.sample`).
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    names = schema.continuous_names
+    identity = [names[i] for i in schema.indices("identity")]
+    sources = schema.sample(rng, count, fixed)
+    targets = schema.sample(rng, count, fixed)
+    truths = [{**target, **{name: source[name] for name in identity}} for source, target in zip(sources, targets)]
+    return sources, targets, truths

@@ -1,4 +1,5 @@
-"""Rig pairs for expression transfer: one identity, two expressions, a small pose change."""
+"""Rig pairs: for expression transfer one identity, two expressions and a small pose change; for
+face swap two people and the truth, the target with the source's identity."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from facecore.rig import default_schema
-from facecore.rig.pairs import expression_pairs
+from facecore.rig.pairs import expression_pairs, swap_pairs
 
 
 def test_pairs_share_everything_but_expression_and_a_little_pose():
@@ -48,3 +49,21 @@ def test_aligned_pairs_render_one_face_with_two_expressions():
     own = np.linalg.norm(source_points[:, 27:36] - target_points[:, 27:36], axis=2).mean()
     other = np.linalg.norm(source_points[:, 27:36] - np.roll(target_points, 1, axis=0)[:, 27:36], axis=2).mean()
     assert mouth > 0.5 and own < 0.5 * other, (mouth, own, other)
+
+
+def test_swap_truth_has_the_sources_identity_and_everything_else_of_the_target():
+    schema = default_schema()
+    sources, targets, truths = swap_pairs(schema, np.random.default_rng(4), 20)
+    names = schema.continuous_names
+    identity = {names[i] for i in schema.indices("identity")}
+    differs = 0
+    for source, target, truth in zip(sources, targets, truths):
+        schema.encode(truth)  # a valid parameter set
+        assert set(truth) == set(target)
+        for name, value in truth.items():
+            assert value == (source[name] if name in identity else target[name]), name
+        differs += sum(source[name] != target[name] for name in identity)
+    assert differs > 0.9 * 20 * len(identity)  # two people, not one
+    assert swap_pairs(schema, np.random.default_rng(4), 20) == (sources, targets, truths)
+    with pytest.raises(ValueError, match="count"):
+        swap_pairs(schema, np.random.default_rng(0), -1)

@@ -34,7 +34,13 @@ class RenderOptions(StrictModel):
     # "expression": each row is a pair of one identity (facecore.rig.pairs): the
     # render above and a `target_*` render with the expression drawn afresh and
     # the pose moved by up to ±pose_jitter; expression transfer's training data.
-    pairs: Literal["none", "expression"] = "none"
+    # "swap": each row is two people, the render above (the source) and a `target_*`
+    # render, and the swap's ground truth `truth_*`: the target drawn with the
+    # source's identity parameters (facecore.rig.pairs.swap_pairs); face swap's
+    # training data. With align, source and target are each aligned on their own
+    # landmarks and the truth through the target's transform (a swap's result
+    # shares its target's crop).
+    pairs: Literal["none", "expression", "swap"] = "none"
     pose_jitter: float = Field(0.05, ge=0.0, le=1.0)
     # With align: where a pair's target is aligned. "source": through the source's
     # transform, so both share one frame, as a transfer job's result shares the
@@ -100,6 +106,9 @@ RENDER_FIELD_DOCS = {
     "target_params": "options.pairs only: the pair's second face, the same person with another expression",
     "target_image": "options.pairs only: PNG of the second face's render",
     "target_landmarks": "options.pairs only: the second face's 68 landmarks, flattened x0,y0,x1,y1,...",
+    "truth_params": "options.pairs: swap only: the swap's ground truth, the target with the source's identity",
+    "truth_image": "options.pairs: swap only: PNG of the ground truth's render, in the target's frame",
+    "truth_landmarks": "options.pairs: swap only: the ground truth's 68 landmarks, flattened x0,y0,x1,y1,...",
 }
 
 RENDER_SCHEMA = pa.schema(
@@ -120,6 +129,12 @@ RENDER_PAIR_SCHEMA = pa.schema(list(RENDER_SCHEMA) + [
     pa.field("target_params", pa.list_(pa.float32())),
     pa.field("target_image", pa.binary()),
     pa.field("target_landmarks", pa.list_(pa.float32())),
+])
+
+RENDER_SWAP_SCHEMA = pa.schema(list(RENDER_PAIR_SCHEMA) + [
+    pa.field("truth_params", pa.list_(pa.float32())),
+    pa.field("truth_image", pa.binary()),
+    pa.field("truth_landmarks", pa.list_(pa.float32())),
 ])
 
 
@@ -163,13 +178,17 @@ class RenderStage:
         rng = np.random.default_rng([self.options.seed, index])
         return self.schema.encode(self.schema.sample(rng, 1, self.options.fixed)[0])
 
-    def pair_for(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row ``index``'s (source, target) vectors, drawn from (seed, index) alone."""
-        from facecore.rig.pairs import expression_pairs
+    def pair_for(self, index: int) -> tuple[np.ndarray, ...]:
+        """Row ``index``'s (source, target) vectors, and for ``pairs: swap`` the truth's, drawn from
+        (seed, index) alone."""
+        from facecore.rig.pairs import expression_pairs, swap_pairs
 
         rng = np.random.default_rng([self.options.seed, index])
-        (source,), (target,) = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed)
-        return self.schema.encode(source), self.schema.encode(target)
+        if self.options.pairs == "swap":
+            drawn = swap_pairs(self.schema, rng, 1, self.options.fixed)
+        else:
+            drawn = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed)
+        return tuple(self.schema.encode(values) for (values,) in drawn)
 
     def _draw(self, vector: np.ndarray, matrix: np.ndarray | None = None):
         """(image, mask, landmarks, alignment) of one render; with ``align``, warped by ``matrix`` when
@@ -190,17 +209,22 @@ class RenderStage:
                 rows.append({"key": key, "status": cols["status"][i], "error": cols["error"][i]})
                 continue
             given = cols["params"][i]
-            target = None
+            target = truth = drawn_target = drawn_truth = None
             if given is not None:
                 vector = np.asarray(given, np.float32)
             elif self.options.pairs == "expression":
                 vector, target = self.pair_for(int(cols["index"][i]))
+            elif self.options.pairs == "swap":
+                vector, target, truth = self.pair_for(int(cols["index"][i]))
             else:
                 vector = self.params_for(int(cols["index"][i]))
             try:
                 image, mask, landmarks, alignment = self._draw(vector)
-                shared = alignment if self.options.pair_frame == "source" else None
-                drawn_target = None if target is None else self._draw(target, shared)
+                if truth is not None:  # two people: each aligned on its own, the truth in the target's frame
+                    drawn_target = self._draw(target)
+                    drawn_truth = self._draw(truth, drawn_target[3])
+                elif target is not None:
+                    drawn_target = self._draw(target, alignment if self.options.pair_frame == "source" else None)
             except Exception as exc:  # a parameter set the renderer cannot draw
                 rows.append({"key": key, "status": "render_error", "error": f"{type(exc).__name__}: {exc}",
                              "params": vector.tolist()})
@@ -218,9 +242,12 @@ class RenderStage:
             if drawn_target is not None:
                 row.update(target_params=target.tolist(), target_image=encode_png(drawn_target[0]),
                            target_landmarks=np.asarray(drawn_target[2]).ravel().tolist())
+            if drawn_truth is not None:
+                row.update(truth_params=truth.tolist(), truth_image=encode_png(drawn_truth[0]),
+                           truth_landmarks=np.asarray(drawn_truth[2]).ravel().tolist())
             rows.append(row)
-        schema = RENDER_PAIR_SCHEMA if self.options.pairs != "none" else RENDER_SCHEMA
-        return pa.Table.from_pylist(rows, schema=schema)
+        schema = {"none": RENDER_SCHEMA, "expression": RENDER_PAIR_SCHEMA, "swap": RENDER_SWAP_SCHEMA}
+        return pa.Table.from_pylist(rows, schema=schema[self.options.pairs])
 
 
 
@@ -239,8 +266,8 @@ def rig_metadata(schema) -> dict[str, str]:
 class RenderKind(JobKind):
     name = "render"
     spec_model = RenderJob
-    # Every column a render job can write; the target_* ones only with options.pairs.
-    output_schema = RENDER_PAIR_SCHEMA
+    # Every column a render job can write; target_* only with options.pairs, truth_* with pairs: swap.
+    output_schema = RENDER_SWAP_SCHEMA
     field_docs = RENDER_FIELD_DOCS
 
     def input_rows(self, spec: RenderJob) -> pa.Table:

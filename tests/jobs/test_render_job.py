@@ -62,6 +62,23 @@ def test_expression_pairs_share_the_person_and_are_drawn_per_row():
     assert alone["target_params"] == rows[4]["target_params"] and alone["target_image"] == rows[4]["target_image"]
 
 
+def test_swap_pairs_hold_two_people_and_the_truth_in_the_targets_frame():
+    schema = default_schema()
+    stage = RenderStage(RenderOptions(count=4, size=64, seed=3, align="affine68", pairs="swap"))
+    rows = stage(sampled_render_rows(4, 3)).to_pylist()
+    identity = schema.indices("identity")
+    for row in rows:
+        source, target, truth = (np.array(row[f"{prefix}params"]) for prefix in ("", "target_", "truth_"))
+        rest = np.setdiff1d(np.arange(len(truth)), identity)
+        assert np.array_equal(truth[identity], source[identity]) and np.array_equal(truth[rest], target[rest])
+        assert not np.array_equal(source[identity], target[identity])
+        assert decode_png(row["truth_image"]).shape == (64, 64, 3) and len(row["truth_landmarks"]) == 136
+        # The truth is drawn through the target's alignment: the background's corner is the target's.
+        assert np.array_equal(decode_png(row["truth_image"])[:3, :3], decode_png(row["target_image"])[:3, :3])
+    alone = stage(sampled_render_rows(4, 3).slice(2, 1)).to_pylist()[0]
+    assert alone["truth_image"] == rows[2]["truth_image"]
+
+
 def test_expression_pair_targets_share_the_source_frame_unless_asked_otherwise():
     from jobs.samples import aligned_expression_pairs
 

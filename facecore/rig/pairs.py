@@ -20,7 +20,8 @@ from facecore.rig.schema import RigSchema
 
 
 def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int, pose_jitter: float = 0.05,
-                     fixed: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                     fixed: Mapping[str, Any] | None = None, pose_still: float = 0.0
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``count`` (source, target) parameter sets of one identity each.
 
     Args:
@@ -30,12 +31,15 @@ def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int, po
         pose_jitter: the target's pose parameters are the source's moved by up to
             this much each (uniform, in the [0, 1] parameter scale, clipped).
         fixed: parameters held at a value in both faces (as :meth:`RigSchema.sample`).
+        pose_still: the share of pairs (drawn per pair) whose pose does not move at all,
+            as in a transfer job, whose targets keep the source's pose.
 
     Returns:
         (sources, targets), lists of named values as :meth:`RigSchema.sample` gives.
     """
-    if count < 0 or not 0.0 <= pose_jitter <= 1.0:
-        raise ValueError(f"count must be >= 0 and pose_jitter in [0, 1], got {count}, {pose_jitter}")
+    if count < 0 or not 0.0 <= pose_jitter <= 1.0 or not 0.0 <= pose_still <= 1.0:
+        raise ValueError(f"count must be >= 0 and pose_jitter and pose_still in [0, 1], got {count}, "
+                         f"{pose_jitter}, {pose_still}")
     names = schema.continuous_names
     expression = [names[i] for i in schema.indices("expression")]
     pose = [names[i] for i in schema.indices("pose")]
@@ -43,6 +47,8 @@ def expression_pairs(schema: RigSchema, rng: np.random.Generator, count: int, po
     sources = schema.sample(rng, count, fixed)
     expressions = schema.sample(rng, count, fixed)  # exclusive pairs already resolved within each draw
     shifts = rng.uniform(-pose_jitter, pose_jitter, size=(count, len(pose)))
+    if pose_still > 0:  # drawn only then, so pairs without it are the same draws as before
+        shifts[rng.random(count) < pose_still] = 0.0
     targets = []
     for source, fresh, shift in zip(sources, expressions, shifts):
         target = dict(source)

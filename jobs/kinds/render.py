@@ -42,6 +42,9 @@ class RenderOptions(StrictModel):
     # shares its target's crop).
     pairs: Literal["none", "expression", "swap"] = "none"
     pose_jitter: float = Field(0.05, ge=0.0, le=1.0)
+    # pairs: expression: the share of pairs whose pose does not move at all, as a
+    # transfer job's targets keep their source's pose.
+    pose_still: float = Field(0.0, ge=0.0, le=1.0)
     # With align: where a pair's target is aligned. "source": through the source's
     # transform, so both share one frame, as a transfer job's result shares the
     # source's aligned crop (what G is trained and judged on). "target": by a fit on
@@ -187,7 +190,8 @@ class RenderStage:
         if self.options.pairs == "swap":
             drawn = swap_pairs(self.schema, rng, 1, self.options.fixed)
         else:
-            drawn = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed)
+            drawn = expression_pairs(self.schema, rng, 1, self.options.pose_jitter, self.options.fixed,
+                                     self.options.pose_still)
         return tuple(self.schema.encode(values) for (values,) in drawn)
 
     def _draw(self, vector: np.ndarray, matrix: np.ndarray | None = None):

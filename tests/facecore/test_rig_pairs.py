@@ -33,6 +33,18 @@ def test_pairs_share_everything_but_expression_and_a_little_pose():
         expression_pairs(schema, np.random.default_rng(0), 1, pose_jitter=2.0)
 
 
+def test_a_share_of_pairs_keeps_its_pose_still():
+    schema = default_schema()
+    pose = [schema.continuous_names[i] for i in schema.indices("pose")]
+    sources, targets = expression_pairs(schema, np.random.default_rng(5), 400, pose_jitter=0.05, pose_still=0.5)
+    still = [all(source[name] == target[name] for name in pose) for source, target in zip(sources, targets)]
+    assert 0.4 < np.mean(still) < 0.6
+    moving = expression_pairs(schema, np.random.default_rng(5), 400, pose_jitter=0.05)
+    assert moving[0] == sources  # the same people: the draw of who stays still comes last
+    with pytest.raises(ValueError, match="pose_still"):
+        expression_pairs(schema, np.random.default_rng(0), 1, pose_still=1.5)
+
+
 def test_aligned_pairs_render_one_face_with_two_expressions():
     from jobs.samples import aligned_expression_pairs
 

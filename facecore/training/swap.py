@@ -1,0 +1,103 @@
+"""Training face swap (SPEC.md §2, seed 002): the losses of E and D on a batch of pairs.
+
+A batch holds pairs of two people: ``source`` and ``target`` crops (B, 3, S, S) in
+[0, 1] and their 68 landmarks (``source_landmarks``, ``target_landmarks``, (B, 68, 2)
+in crop pixels); rig pairs also hold the swap's ground truth ``truth`` (B, 3, S, S)
+and ``has_truth`` (B,) says which rows do (photos have none).
+
+With ``w_s = E(source)``, ``w_t = E(target)`` and the swap ``Y = D(mix(w_s, w_t))``:
+
+- ``mse``: ``||x − D(E(x))||² / (C·H·W)`` for both faces (the seed's L_MSE);
+- ``perceptual``: ``Σ_levels ||F(x) − F(D(E(x)))||² / (C'·H'·W')``, F the ImageNet
+  MobileNetV2 features (the seed's L_perc);
+- ``identity``: ``1 − cos(z_id(Y), z_id(source))``, z_id the dlib ResNet port on chips
+  cut at the target's landmarks (Y keeps the target's pose and expression);
+- ``attribute``: ``½ Σ_k ||z_att^k(Y) − z_att^k(target)||²``, each level's squared
+  distance averaged over its elements, z_att the same MobileNetV2 levels;
+- ``truth`` (ours): the per-pixel L1 between Y and the rig's ground truth, on the
+  rows that have one.
+
+The measuring networks (F, z_id) are frozen: the gradients go through them into
+E and D only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facecore.models.latent import mix_layers
+from facecore.models.mobilenet import MobileNetV2Features
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SwapLossConfig:
+    """Weights of the swap's losses (0 turns a term off)."""
+
+    mse: float = 1.0
+    perceptual: float = 1.0
+    identity: float = 1.0
+    attribute: float = 1.0
+    truth: float = 1.0
+
+    def __post_init__(self) -> None:
+        weights = {name: getattr(self, name) for name in ("mse", "perceptual", "identity", "attribute", "truth")}
+        negative = {name: value for name, value in weights.items() if value < 0}
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got {negative}")
+
+
+class SwapCritics:
+    """The frozen networks the losses measure with: ``features`` (F and z_att) and ``identity``
+    (an :class:`facecore.models.identity.IdentityScorer`, z_id; None: no identity term)."""
+
+    def __init__(self, features: MobileNetV2Features, identity=None) -> None:
+        self.features = features.eval().requires_grad_(False)
+        self.identity = identity
+        if identity is not None:
+            identity.model.requires_grad_(False)
+
+
+def _squared(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Per image, the sum over levels of each level's mean squared difference: (B,)."""
+    return sum(F.mse_loss(x, y, reduction="none").flatten(1).mean(dim=1) for x, y in zip(a, b))
+
+
+def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: SwapCritics,
+                config: SwapLossConfig) -> dict[str, torch.Tensor]:
+    """Each loss averaged over the batch, their weighted ``total``, and the ``swap`` images."""
+    source, target = batch["source"], batch["target"]
+    codes = encoder(torch.cat([source, target]))
+    source_codes, target_codes = codes.chunk(2)
+    identity_layers = decoder.config.identity_layers
+    images = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]))
+    reconstructed, swap = images[:2 * len(source)], images[2 * len(source):]
+    inputs = torch.cat([source, target])
+    losses: dict[str, torch.Tensor] = {}
+    losses["mse"] = (reconstructed - inputs).pow(2).flatten(1).mean(dim=1).mean()
+    need_features = config.perceptual > 0 or config.attribute > 0
+    if need_features:
+        measured = critics.features(torch.cat([reconstructed, inputs, swap]))
+        parts = [level.split([len(inputs), len(inputs), len(swap)]) for level in measured]
+        recon_f, input_f, swap_f = ([part[i] for part in parts] for i in range(3))
+        losses["perceptual"] = _squared(recon_f, input_f).mean()
+        target_f = [level[len(source):] for level in input_f]
+        losses["attribute"] = 0.5 * _squared(swap_f, [level.detach() for level in target_f]).mean()
+    if critics.identity is not None and config.identity > 0:
+        landmarks = torch.cat([batch["target_landmarks"], batch["source_landmarks"]]).detach().cpu().numpy()
+        embedded = critics.identity.embed(torch.cat([swap, source]) * 255.0, landmarks)
+        swap_id, source_id = embedded.chunk(2)
+        losses["identity"] = (1.0 - F.cosine_similarity(swap_id, source_id.detach(), dim=1)).mean()
+    if "truth" in batch and config.truth > 0:
+        rows = batch["has_truth"].to(swap.dtype)
+        per_image = (swap - batch["truth"]).abs().flatten(1).mean(dim=1)
+        losses["truth"] = (per_image * rows).sum() / rows.sum().clamp_min(1.0)
+    losses["total"] = sum(getattr(config, name) * value for name, value in losses.items())
+    losses["swap"] = swap
+    return losses

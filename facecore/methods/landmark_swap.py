@@ -65,19 +65,16 @@ def landmark_swap(source: np.ndarray, source_landmarks: np.ndarray, target: np.n
                                          width, height)
     warped = cv2.remap(np.ascontiguousarray(source), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     mask = face_mask(target_landmarks, height, width)
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 9:  # no face to speak of: nothing to swap
+    if np.count_nonzero(mask) < 9:  # no face to speak of: nothing to swap
         return target.copy()
     warped = match_colours(warped, target, mask)
-    # seamlessClone wants the mask's box inside the picture with a margin: pad, clone, crop.
+    # seamlessClone wants the mask's box inside the picture with a margin: pad (the
+    # mask with zeros), clone, crop.
     pad = 4
     padded = [cv2.copyMakeBorder(np.ascontiguousarray(x), pad, pad, pad, pad, cv2.BORDER_REFLECT)
               for x in (warped, target)]
     padded_mask = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    padded_mask[:pad + 1], padded_mask[-pad - 1:], padded_mask[:, :pad + 1], padded_mask[:, -pad - 1:] = 0, 0, 0, 0
     ys, xs = np.nonzero(padded_mask)
-    if len(xs) < 9:
-        return target.copy()
     left, right, top, bottom = xs.min(), xs.max(), ys.min(), ys.max()
     centre = ((left + right + 1) // 2, (top + bottom + 1) // 2)
     cloned = cv2.seamlessClone(padded[0], padded[1], padded_mask, centre, cv2.NORMAL_CLONE)

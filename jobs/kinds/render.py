@@ -243,12 +243,10 @@ class RenderStage:
                 "landmarks": np.asarray(landmarks).ravel().tolist(),
                 "size": self.options.size,
             }
-            if drawn_target is not None:
-                row.update(target_params=target.tolist(), target_image=encode_png(drawn_target[0]),
-                           target_landmarks=np.asarray(drawn_target[2]).ravel().tolist())
-            if drawn_truth is not None:
-                row.update(truth_params=truth.tolist(), truth_image=encode_png(drawn_truth[0]),
-                           truth_landmarks=np.asarray(drawn_truth[2]).ravel().tolist())
+            for prefix, vector_of, drawn in (("target_", target, drawn_target), ("truth_", truth, drawn_truth)):
+                if drawn is not None:
+                    row.update({f"{prefix}params": vector_of.tolist(), f"{prefix}image": encode_png(drawn[0]),
+                                f"{prefix}landmarks": np.asarray(drawn[2]).ravel().tolist()})
             rows.append(row)
         schema = {"none": RENDER_SCHEMA, "expression": RENDER_PAIR_SCHEMA, "swap": RENDER_SWAP_SCHEMA}
         return pa.Table.from_pylist(rows, schema=schema[self.options.pairs])

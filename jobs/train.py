@@ -445,6 +445,150 @@ def expression_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
+def latent_config_for(options) -> "LatentConfig":  # noqa: F821  (imported inside: torch-only module)
+    """E's and D's shape from a train job's options."""
+    from facecore.models.latent import LatentConfig
+
+    extra = {} if options.identity_layers is None else {"identity_layers": tuple(options.identity_layers)}
+    return LatentConfig(image_size=options.image_size, latent_dim=options.latent_dim, channels=options.base_channels,
+                        max_channels=options.max_channels, **extra)
+
+
+def _swap_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A block of swap pairs (a ``pairs: swap`` render job's rows) as E, D and the losses take them."""
+    from facecore.images import decode_png
+    from jobs.kinds.recognize import model_inputs
+
+    batch = {}
+    for prefix, name in (("", "source"), ("target_", "target"), ("truth_", "truth")):
+        crops = [decode_png(data) for data in raw[f"{prefix}image"]]
+        points = np.array([np.asarray(p, np.float32) for p in raw[f"{prefix}landmarks"]]).reshape(len(crops), 68, 2)
+        images, points = model_inputs(crops, points, size)
+        batch[name] = images.to(device)
+        if name != "truth":
+            batch[f"{name}_landmarks"] = points.to(device)
+    batch["has_truth"] = torch.ones(len(batch["source"]), device=device)
+    return batch
+
+
+def _photo_swaps(photos: dict[str, torch.Tensor], pick: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Photos ``pick`` as swap pairs, each with the next one picked as its target; no ground truth."""
+    partner = torch.roll(pick, 1)
+    device = photos["image"].device
+    source, target = photos["image"][pick.to(device)], photos["image"][partner.to(device)]
+    return {"source": source, "target": target, "truth": target,
+            "source_landmarks": photos["landmarks"][pick.to(device)],
+            "target_landmarks": photos["landmarks"][partner.to(device)],
+            "has_truth": torch.zeros(len(pick), device=device)}
+
+
+def swap_loop_per_worker(config: dict[str, Any]) -> None:
+    """Face swap's E and D on Ray Train (SPEC.md §2): a TrainState per worker.
+
+    Each step is ``batch_size`` rig pairs with their ground truth and, every
+    ``photo_every`` steps, ``photo_batch_size`` aligned photos swapped among
+    themselves (no truth: the seed's four losses only). Each epoch reports, on
+    held-out rig pairs, the swap's L1 to the truth (``l1_truth``, the
+    ``validation`` figure), its ratio to copying the target (``l1_target_ratio``),
+    the reconstructions' MSE and the dlib cosine of swap and source
+    (``identity_similarity``).
+    """
+    import ray.train
+    import ray.train.torch
+
+    import torch.nn.functional as F
+
+    from facecore.models.identity import IdentityScorer
+    from facecore.models.latent import LayeredEncoder, StyledDecoder, mix_layers
+    from facecore.models.mobilenet import MobileNetV2Features
+    from facecore.training.state import TrainState
+    from facecore.training.swap import SwapCritics, SwapLossConfig, swap_step
+
+    spec = TrainJob.model_validate(config["spec"])
+    options = spec.options
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    model_config = latent_config_for(options)
+    losses = SwapLossConfig(**options.swap_losses.model_dump())
+    torch.manual_seed(options.seed)  # every rank starts from the same weights
+    modules = {"encoder": LayeredEncoder(model_config).to(device), "decoder": StyledDecoder(model_config).to(device)}
+    optimisers = {name: torch.optim.Adam(module.parameters(), lr=options.learning_rate, betas=(0.9, 0.99))
+                  for name, module in modules.items()}
+    steps_per_epoch = max(1, config["train_rows"] // (options.batch_size * spec.resources.num_workers))
+    total_steps = steps_per_epoch * options.epochs
+    schedule = (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / total_steps)))) \
+        if options.schedule == "cosine" else (lambda step: 1.0)
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+                  for name, optimiser in optimisers.items()}
+    generator = torch.Generator().manual_seed(_epoch_seed(options.seed, rank, options.epochs + 1))
+    state = TrainState(modules, optimisers, schedulers, generator=generator)
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.load(folder, device)
+    for name in list(state.modules):
+        state.modules[name] = ray.train.torch.prepare_model(state.modules[name])
+    identity = IdentityScorer(device=device) if losses.identity > 0 else None
+    critics = SwapCritics(MobileNetV2Features.pretrained().to(device), identity)
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    photos = _photo_tensors(ray.train.get_dataset_shard("photos"), options.image_size, device) \
+        if config["photo_rows"] else None
+    for epoch in range(state.epoch, options.epochs):
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        batches = train_shard.iter_batches(batch_size=options.batch_size, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * options.batch_size,
+                                           local_shuffle_seed=_epoch_seed(options.seed, rank, epoch))
+        for raw in batches:
+            batch = _swap_tensors(raw, options.image_size, device)
+            if photos is not None and len(photos["image"]) > 1 and state.steps["encoder"] % options.photo_every == 0:
+                pick = torch.randperm(len(photos["image"]), generator=state.generator)[:options.photo_batch_size]
+                real = _photo_swaps(photos, pick)
+                batch = {name: torch.cat([batch[name], real[name]]) for name in batch}
+            metrics = swap_step(state, batch, critics, losses)
+            for scheduler in state.schedulers.values():
+                scheduler.step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+        encoder, decoder = state.plain("encoder").eval(), state.plain("decoder").eval()
+        figures = {"l1": 0.0, "l1_target": 0.0, "mse": 0.0, "similarity": 0.0}
+        faces = 0
+        with torch.no_grad():
+            for raw in validation_shard.iter_batches(batch_size=32, batch_format="numpy"):
+                batch = _swap_tensors(raw, options.image_size, device)
+                codes = encoder(torch.cat([batch["source"], batch["target"]]))
+                source_codes, target_codes = codes.chunk(2)
+                images = decoder(torch.cat([codes, mix_layers(source_codes, target_codes,
+                                                              model_config.identity_layers)]))
+                inputs, count = torch.cat([batch["source"], batch["target"]]), len(batch["source"])
+                swap = images[2 * count:]
+                figures["l1"] += float((swap - batch["truth"]).abs().mean()) * count
+                figures["l1_target"] += float((batch["target"] - batch["truth"]).abs().mean()) * count
+                figures["mse"] += float((images[:2 * count] - inputs).pow(2).mean()) * count
+                if identity is not None:
+                    embedded = identity.embed(torch.cat([swap, batch["source"]]) * 255.0, torch.cat(
+                        [batch["target_landmarks"], batch["source_landmarks"]]).cpu().numpy())
+                    figures["similarity"] += float(F.cosine_similarity(*embedded.chunk(2), dim=1).sum())
+                faces += count
+        report = {"epoch": epoch, "train_loss": sums.get("total", float("nan")) / max(counts.get("total", 0), 1),
+                  **{f"loss_{name}": value / counts[name] for name, value in sums.items() if name != "total"}}
+        if faces:
+            report.update(l1_truth=figures["l1"] / faces, reconstruction_mse=figures["mse"] / faces,
+                          l1_target_ratio=figures["l1"] / max(figures["l1_target"], 1e-12))
+            if identity is not None:
+                report["identity_similarity"] = figures["similarity"] / faces
+        report["validation"] = report.get("l1_truth", float("nan"))
+        state.epoch, state.metrics = epoch + 1, report
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                state.save(os.path.join(folder, "state"))
+                checkpoint = ray.train.Checkpoint.from_directory(os.path.join(folder, "state"))
+            ray.train.report(report, checkpoint=checkpoint)
+
+
 def _parts(location, field: str) -> list[str]:
     """Paths of a job output's committed parts (listed afresh, as a resume lists them)."""
     if not location.fs.exists(location.path):
@@ -510,18 +654,24 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
     io = {"num_cpus": 0.25}
     columns = {"imitator": ["key", "status", "params", "image", "mask"], "parser": ["key", "status", "image", "mask"],
                "regressor": ["key", "status", "params", "image", "landmarks"],
-               "expression": ["key", "status", "image", "landmarks", "target_image", "target_landmarks"]}[spec.model]
-    if spec.model == "expression":
+               "expression": ["key", "status", "image", "landmarks", "target_image", "target_landmarks"],
+               "swap": ["key", "status", "image", "landmarks", "target_image", "target_landmarks", "truth_image",
+                        "truth_landmarks"]}[spec.model]
+    if spec.model in ("expression", "swap"):
         import pyarrow.parquet as pq
 
         with location.arrow_fs.open_input_file(parts[0]) as handle:
-            if "target_image" not in pq.read_schema(handle).names:
-                raise ValueError(f"data.renders: {location.uri} holds single renders; model: expression trains on "
-                                 "pairs (a render job with options.pairs: expression)")
+            names = pq.read_schema(handle).names
+        # Which pairs a render holds shows in its columns: truth_* only in swap pairs.
+        held = "swap" if "truth_image" in names else "expression" if "target_image" in names else None
+        if held != spec.model:
+            what = {None: "single renders", "expression": "expression pairs", "swap": "swap pairs"}[held]
+            raise ValueError(f"data.renders: {location.uri} holds {what}; model: {spec.model} trains on "
+                             f"{spec.model} pairs (a render job with options.pairs: {spec.model})")
     dataset = ray.data.read_parquet(parts, filesystem=location.arrow_fs, columns=columns, **io)
     dataset = dataset.filter(lambda row: row["status"] == "ok", **io)
     photo_rows_count, photo_data = 0, None
-    if spec.data.photos and spec.model in ("regressor", "expression"):
+    if spec.data.photos and spec.model in ("regressor", "expression", "swap"):
         photos = locate(spec.data.photos, spec.storage)
         photo_data = ray.data.read_parquet(_parts(photos, "data.photos"), filesystem=photos.arrow_fs,
                                            columns=["key", "status", "aligned", "aligned_landmarks"], **io)
@@ -579,8 +729,9 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
             datasets["photos"] = photo_data  # not split: every worker draws from all of them
         execution = ray.data.ExecutionOptions()
         execution.preserve_order = True  # a fixed seed gives a fixed data order (exact resume)
-        on_state = spec.model in ("regressor", "expression")  # TrainState loops: best and last checkpoints
-        loop = {"regressor": regressor_loop_per_worker, "expression": expression_loop_per_worker}
+        on_state = spec.model in ("regressor", "expression", "swap")  # TrainState loops: best and last checkpoints
+        loop = {"regressor": regressor_loop_per_worker, "expression": expression_loop_per_worker,
+                "swap": swap_loop_per_worker}
         trainer = TorchTrainer(
             loop.get(spec.model, train_loop_per_worker),
             # Ray Train V2 dropped resume_from_checkpoint: the loop loads the newest
@@ -606,7 +757,7 @@ def train(spec: TrainJob, address: str | None = None) -> dict[str, Any]:
             raise RuntimeError("training finished without a checkpoint")
         checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
     exported = {MODEL_DIR: (checkpoint, metrics)}
-    if spec.model in ("regressor", "expression"):
+    if spec.model in ("regressor", "expression", "swap"):
         best = _best_checkpoint(storage_path, name, output.arrow_fs, spec.options.best_metric, spec.options.best_mode)
         if best is not None:
             exported[BEST_DIR] = best
@@ -628,6 +779,14 @@ def _load_trained(model: str, folder: str) -> torch.nn.Module:
         from facecore.models.expression import ExpressionGenerator
 
         return weights.load_model(ExpressionGenerator, os.path.join(folder, "generator"))
+    if model == "swap":
+        from facecore.models.latent import LatentSwapper, LayeredEncoder, StyledDecoder
+
+        encoder = weights.load_model(LayeredEncoder, os.path.join(folder, "encoder"))
+        swapper = LatentSwapper(encoder.config)
+        swapper.encoder.load_state_dict(encoder.state_dict())
+        swapper.decoder.load_state_dict(weights.load_model(StyledDecoder, os.path.join(folder, "decoder")).state_dict())
+        return swapper
     return weights.load_model(Imitator if model == "imitator" else FaceParser, os.path.join(folder, MODEL_DIR))
 
 

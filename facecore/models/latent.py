@@ -209,3 +209,21 @@ class LayeredEncoder(nn.Module):
         maps.reverse()  # maps[level]: side 4 * 2**level
         codes = [head(features) for head, features in zip(self.heads, maps)]
         return torch.cat(codes, dim=1).reshape(images.shape[0], config.num_layers, config.latent_dim)
+
+
+class LatentSwapper(nn.Module):
+    """E and D as one model: what ``model: swap`` training exports and the swap job loads."""
+
+    def __init__(self, config: LatentConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = LayeredEncoder(config)
+        self.decoder = StyledDecoder(config)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor,
+                identity_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The swap: ``source``'s identity layers with ``target``'s others, decoded; (B, 3, S, S) in [0, 1]."""
+        codes = self.encoder(torch.cat([source, target]))
+        source_codes, target_codes = codes.chunk(2)
+        layers = self.config.identity_layers if identity_layers is None else identity_layers
+        return self.decoder(mix_layers(source_codes, target_codes, layers))

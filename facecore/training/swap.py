@@ -32,6 +32,7 @@ from torch import nn
 
 from facecore.models.latent import mix_layers
 from facecore.models.mobilenet import MobileNetV2Features
+from facecore.training.state import TrainState
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -75,7 +76,7 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
     source, target = batch["source"], batch["target"]
     codes = encoder(torch.cat([source, target]))
     source_codes, target_codes = codes.chunk(2)
-    identity_layers = decoder.config.identity_layers
+    identity_layers = getattr(decoder, "module", decoder).config.identity_layers  # DDP wraps the decoder
     images = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]))
     reconstructed, swap = images[:2 * len(source)], images[2 * len(source):]
     inputs = torch.cat([source, target])
@@ -101,3 +102,24 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
     losses["total"] = sum(getattr(config, name) * value for name, value in losses.items())
     losses["swap"] = swap
     return losses
+
+
+NETWORKS = ("encoder", "decoder")
+
+
+def swap_step(state: TrainState, batch: Batch, critics: SwapCritics, config: SwapLossConfig,
+              grad_clip: float = 5.0) -> dict[str, float]:
+    """One update of E and D on ``total``; returns each loss's value."""
+    encoder, decoder = state.modules["encoder"], state.modules["decoder"]
+    encoder.train()
+    decoder.train()
+    for name in NETWORKS:
+        state.optimisers[name].zero_grad(set_to_none=True)
+    losses = swap_losses(encoder, decoder, batch, critics, config)
+    losses["total"].backward()
+    for name in NETWORKS:
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(state.modules[name].parameters(), grad_clip)
+        state.optimisers[name].step()
+        state.steps[name] += 1
+    return {name: float(value.detach()) for name, value in losses.items() if name != "swap"}

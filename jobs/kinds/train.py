@@ -55,6 +55,16 @@ class ExpressionLosses(StrictModel):
     mismatched_negatives: bool = True  # D_e also learns a real face with another's landmarks is a mismatch
 
 
+class SwapLosses(StrictModel):
+    """Loss weights of ``model: swap`` (SPEC.md §2; 0 turns one off); see facecore.training.swap."""
+
+    mse: float = Field(1.0, ge=0)  # L_MSE: reconstructions of both faces
+    perceptual: float = Field(1.0, ge=0)  # L_perc: MobileNetV2 features of the reconstructions
+    identity: float = Field(1.0, ge=0)  # L_id: 1 - cos of the dlib descriptors of the swap and the source
+    attribute: float = Field(1.0, ge=0)  # L_att: MobileNetV2 levels of the swap vs the target
+    truth: float = Field(1.0, ge=0)  # ours: L1 to the rig's ground-truth swap
+
+
 class TrainOptions(StrictModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
@@ -84,6 +94,12 @@ class TrainOptions(StrictModel):
     # photo of their person (when they have one); the rest pair with themselves.
     photo_pairs: float = Field(0.5, ge=0, le=1)
     expression_losses: ExpressionLosses = ExpressionLosses()
+    # swap only (base_channels is E's and D's width at the finest level)
+    latent_dim: int = Field(128, ge=8)  # length of each layer vector
+    max_channels: int = Field(128, ge=4)  # the widest (coarsest) level's width
+    # The layers a swap takes from the source (0-based); None: LatentConfig's default.
+    identity_layers: list[int] | None = None
+    swap_losses: SwapLosses = SwapLosses()
     # The validation figure that picks the `best` checkpoint, and which way is better.
     best_metric: str = "validation"
     best_mode: Literal["min", "max"] = "min"
@@ -111,7 +127,7 @@ class TrainJob(StrictModel):
     """Train a model with Ray Train; checkpoints and the final model go to output.path."""
 
     kind: Literal["train"]
-    model: Literal["imitator", "parser", "regressor", "expression"]
+    model: Literal["imitator", "parser", "regressor", "expression", "swap"]
     data: TrainData
     output: OutputSpec
     storage: StorageSpec = StorageSpec()

@@ -327,3 +327,80 @@ def test_expression_gan_trains_on_rig_pairs_and_photos_with_two_workers(regresso
     with pytest.raises(ValueError, match="data.photo_identities: none of its keys"):
         train(parse_spec({**spec, "data": {**spec["data"], "photo_identities": str(tmp_path / "strangers.csv")},
                           "output": {"path": str(tmp_path / "no")}}))
+
+
+@pytest.fixture(scope="module")
+def swap_pairs_output(ray_cluster, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("swap-pairs")
+    result = run(parse_spec({"kind": "render", "output": {"path": str(folder)},
+                             "options": {"count": 64, "size": 64, "seed": 5, "align": "affine68", "pairs": "swap"}}),
+                 progress=False)
+    assert result.ok_rows == 64
+    return folder
+
+
+def _swap_spec(pairs: Path, photos: Path | None, output: Path, workers: int, **options) -> dict:
+    data = {"renders": str(pairs), "validation_fraction": 0.2} | ({"photos": str(photos)} if photos else {})
+    return {"kind": "train", "model": "swap", "data": data, "output": {"path": str(output)},
+            "options": {"epochs": 2, "batch_size": 8, "image_size": 64, "base_channels": 8, "latent_dim": 32,
+                        "max_channels": 32, "learning_rate": 2e-3, "photo_batch_size": 2, **options},
+            "resources": {"num_workers": workers}}
+
+
+def _held_out_swaps(pairs: Path, fraction: float) -> dict[str, torch.Tensor]:
+    """The pairs the run held out (its key-hash split), as the loop's tensors."""
+    from jobs.train import _swap_tensors
+
+    frame = pd.concat(pd.read_parquet(p) for p in sorted(pairs.glob("part-*.parquet")))
+    frame = frame[frame["key"].map(lambda key: zlib.crc32(key.encode()) % 1000 < int(fraction * 1000))]
+    return _swap_tensors({name: frame[name].to_numpy() for name in frame.columns}, 64, torch.device("cpu"))
+
+
+def test_swap_trains_e_and_d_on_rig_pairs_and_photos_with_two_workers(swap_pairs_output, regressor_data, tmp_path):
+    from facecore.models.identity import IdentityScorer
+    from facecore.models.latent import LatentSwapper
+    from facecore.models.mobilenet import MobileNetV2Features
+    from facecore.training.swap import SwapCritics, SwapLossConfig, swap_losses
+
+    spec = _swap_spec(swap_pairs_output, regressor_data / "aligned", tmp_path / "swap", workers=2, epochs=3)
+    metrics = train(parse_spec(spec))["metrics"]
+    for loss in ("mse", "perceptual", "identity", "attribute", "truth"):
+        assert np.isfinite(metrics[f"loss_{loss}"]), loss
+    assert metrics["validation"] == metrics["l1_truth"] > 0 and -1 <= metrics["identity_similarity"] <= 1
+    trained = weights.load_model(LatentSwapper, str(tmp_path / "swap" / MODEL_DIR))
+    assert trained.config.image_size == 64 and (tmp_path / "swap" / "best").is_dir()
+    # Against its untrained self (the loop's initial weights: seed 0, E then D), on the held-out pairs.
+    torch.manual_seed(0)
+    untrained = LatentSwapper(trained.config)
+    critics = SwapCritics(MobileNetV2Features.pretrained(), IdentityScorer(device="cpu"))
+    batch = _held_out_swaps(swap_pairs_output, 0.2)
+    with torch.no_grad():
+        before, after = (swap_losses(m.encoder, m.decoder, batch, critics, SwapLossConfig())
+                         for m in (untrained.eval(), trained.eval()))
+    print({name: (float(before[name]), float(after[name])) for name in ("mse", "identity", "truth")})
+    assert float(after["mse"]) < 0.6 * float(before["mse"])
+    assert float(after["truth"]) < 0.8 * float(before["truth"])
+    assert float(after["identity"]) < float(before["identity"])
+    states = [json.loads((p / "state.json").read_text())
+              for p in sorted((tmp_path / "swap" / RUNS_DIR / "train-swap").glob("checkpoint_*")) if p.is_dir()]
+    last = max(states, key=lambda state: state["epoch"])["steps"]
+    assert last["encoder"] == last["decoder"] > 0
+
+    with pytest.raises(ValueError, match="holds single renders; model: swap trains on swap pairs"):
+        train(parse_spec(_swap_spec(regressor_data / "renders", None, tmp_path / "no", workers=1)))
+    expression = _swap_spec(swap_pairs_output, None, tmp_path / "no", workers=1)
+    expression.update(model="expression", options={"image_size": 64})
+    with pytest.raises(ValueError, match="holds swap pairs; model: expression trains on expression pairs"):
+        train(parse_spec(expression))
+
+
+def test_swap_training_resumes_to_the_uninterrupted_weights(swap_pairs_output, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    options = {"schedule": "constant"}  # a cosine schedule's length depends on `epochs`, which the runs change
+    train(parse_spec(_swap_spec(swap_pairs_output, None, straight, workers=1, **options)))
+    train(parse_spec(_swap_spec(swap_pairs_output, None, resumed, workers=1, **options, epochs=1)))
+    train(parse_spec(_swap_spec(swap_pairs_output, None, resumed, workers=1, **options)))
+    a, b = _final_regressor(straight), _final_regressor(resumed)
+    worst = max(float((a[name] - b[name]).abs().max()) for name in a)
+    print(f"largest weight difference, resumed vs uninterrupted: {worst:.2e}")
+    assert worst <= 1e-6

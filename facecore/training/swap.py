@@ -70,6 +70,19 @@ def _squared(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum(F.mse_loss(x, y, reduction="none").flatten(1).mean(dim=1) for x, y in zip(a, b))
 
 
+def attribute_distance(swap_features: list[torch.Tensor], target_features: list[torch.Tensor]) -> torch.Tensor:
+    """L_att per image, (B,): ``½ Σ_k`` of level k's mean squared difference."""
+    return 0.5 * _squared(swap_features, target_features)
+
+
+def identity_distance(critics: SwapCritics, images: torch.Tensor, landmarks: torch.Tensor,
+                      reference: torch.Tensor) -> torch.Tensor:
+    """L_id per image, (B,): ``1 − cos`` of the dlib descriptors of ``images`` ([0, 1], faces at
+    ``landmarks``) and the ``reference`` descriptors (the sources', (B, 128))."""
+    embedded = critics.identity.embed(images * 255.0, landmarks.detach().cpu().numpy())
+    return 1.0 - F.cosine_similarity(embedded, reference.detach(), dim=1)
+
+
 def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: SwapCritics,
                 config: SwapLossConfig) -> dict[str, torch.Tensor]:
     """Each loss averaged over the batch, their weighted ``total``, and the ``swap`` images."""
@@ -89,12 +102,11 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
         recon_f, input_f, swap_f = ([part[i] for part in parts] for i in range(3))
         losses["perceptual"] = _squared(recon_f, input_f).mean()
         target_f = [level[len(source):] for level in input_f]
-        losses["attribute"] = 0.5 * _squared(swap_f, [level.detach() for level in target_f]).mean()
+        losses["attribute"] = attribute_distance(swap_f, [level.detach() for level in target_f]).mean()
     if critics.identity is not None and config.identity > 0:
-        landmarks = torch.cat([batch["target_landmarks"], batch["source_landmarks"]]).detach().cpu().numpy()
-        embedded = critics.identity.embed(torch.cat([swap, source]) * 255.0, landmarks)
-        swap_id, source_id = embedded.chunk(2)
-        losses["identity"] = (1.0 - F.cosine_similarity(swap_id, source_id.detach(), dim=1)).mean()
+        with torch.no_grad():
+            source_id = critics.identity.embed(source * 255.0, batch["source_landmarks"].cpu().numpy())
+        losses["identity"] = identity_distance(critics, swap, batch["target_landmarks"], source_id).mean()
     if "truth" in batch and config.truth > 0:
         rows = batch["has_truth"].to(swap.dtype)
         per_image = (swap - batch["truth"]).abs().flatten(1).mean(dim=1)

@@ -1,0 +1,189 @@
+"""Face swap in latent space (SPEC.md §2, seed 002): swap, then tune a decoder copy per pair.
+
+:func:`swap_faces` encodes both faces, takes the identity layers from the source
+and the rest from the target, and decodes the mix. With tuning on, each pair
+then gets its own copy of the decoder, trained on ``L_id + L_att`` (its swap
+against its source's dlib descriptor and its target's MobileNetV2 levels) until
+both pass their thresholds or the step cap is reached: the seed's per-image
+refinement, which keeps the encoder's code and moves the decoder to fit.
+
+The copies are tuned together: the decoder's parameters are stacked along a
+leading pair axis and run through ``torch.func.vmap(functional_call(...))``, so
+one batched forward and backward serves every pair still tuning (a GPU actor
+tunes its whole batch at once). Each pair has its own Adam state and step
+count; a pair that passes leaves the batch and keeps the weights it passed
+with, so a pair's result does not depend on which others share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from facecore.models.latent import LatentSwapper, mix_layers
+from facecore.training.swap import SwapCritics, attribute_distance, identity_distance
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Per-pair decoder tuning (``options.tune`` of a swap job).
+
+    Attributes:
+        max_steps: Adam steps at most per pair; 0 turns tuning off.
+        id_threshold: a pair passes once its ``L_id = 1 − cos`` is at most this...
+        att_threshold: ...and its ``L_att`` at most this.
+        learning_rate: Adam's step size on the decoder copy.
+    """
+
+    max_steps: int = 30
+    id_threshold: float = 0.05
+    att_threshold: float = 0.5
+    learning_rate: float = 2e-3
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.learning_rate <= 0:
+            raise ValueError(f"max_steps must be >= 0 and learning_rate > 0, got {self.max_steps}, "
+                             f"{self.learning_rate}")
+
+
+@dataclass
+class SwapResult:
+    """What :func:`swap_faces` gives for B pairs.
+
+    Attributes:
+        images: (B, 3, S, S) swaps in [0, 1], in the target's frame.
+        tune_steps: (B,) Adam steps each pair's decoder copy took (0: untuned).
+        identity_loss: (B,) the final ``L_id`` (NaN without an identity critic).
+        attribute_loss: (B,) the final ``L_att``.
+    """
+
+    images: torch.Tensor
+    tune_steps: torch.Tensor
+    identity_loss: torch.Tensor
+    attribute_loss: torch.Tensor
+
+
+_BETAS, _EPS = (0.9, 0.999), 1e-8
+
+
+def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor,
+                 target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
+                 source_embeddings: torch.Tensor | None,
+                 critics: SwapCritics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pair's swap through its own decoder copy, and its L_id and L_att: (A, 3, S, S), (A,), (A,)."""
+
+    def one(pair_params: dict[str, torch.Tensor], code: torch.Tensor) -> torch.Tensor:
+        return functional_call(decoder, pair_params, (code[None],))[0]
+
+    images = vmap(one)(params, codes)
+    attribute = attribute_distance(critics.features(images), target_features)
+    if source_embeddings is None:
+        identity = torch.full_like(attribute, float("nan"))
+    else:
+        identity = identity_distance(critics, images, target_landmarks, source_embeddings)
+    return images, identity, attribute
+
+
+def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor, target_landmarks: torch.Tensor,
+                  source_embeddings: torch.Tensor | None, critics: SwapCritics, config: TuneConfig) -> SwapResult:
+    """Tune one decoder copy per pair on ``L_id + L_att`` until both pass or ``config.max_steps``.
+
+    Args:
+        decoder: the trained D (left unchanged).
+        codes: (B, n, L) the pairs' mixed codes.
+        targets: (B, 3, S, S) the target crops in [0, 1] (L_att's reference).
+        target_landmarks: (B, 68, 2) in crop pixels (where L_id cuts its chips).
+        source_embeddings: (B, 128) the sources' dlib descriptors; None: L_att alone decides.
+        critics: the frozen measuring networks.
+        config: steps, thresholds, learning rate.
+
+    Returns:
+        The swaps of the final copies and, per pair, its steps and final losses.
+    """
+    count = len(codes)
+    base = {name: value.detach() for name, value in decoder.named_parameters()}
+    params = {name: value[None].repeat(count, *[1] * value.ndim).clone() for name, value in base.items()}
+    first = {name: torch.zeros_like(value) for name, value in params.items()}
+    second = {name: torch.zeros_like(value) for name, value in params.items()}
+    steps = torch.zeros(count, dtype=torch.int64)
+    images = torch.empty_like(targets)
+    identity_loss = torch.full((count,), float("nan"), dtype=targets.dtype)
+    attribute_loss = torch.full((count,), float("nan"), dtype=targets.dtype)
+    with torch.no_grad():
+        target_features = [level.detach() for level in critics.features(targets)]
+    active = torch.arange(count)
+    # Step 0 measures the untuned swap; after step k's update comes step k+1's measurement.
+    for step in range(config.max_steps + 1):
+        rows = active.to(codes.device)
+        current = {name: value[rows].requires_grad_(True) for name, value in params.items()}
+        grad_enabled = step < config.max_steps
+        with torch.set_grad_enabled(grad_enabled):
+            swaps, identity, attribute = _pair_losses(
+                decoder, current, codes[rows], [level[rows] for level in target_features], target_landmarks[rows],
+                None if source_embeddings is None else source_embeddings[rows], critics)
+        images[rows] = swaps.detach()
+        identity_loss[active] = identity.detach().cpu()
+        attribute_loss[active] = attribute.detach().cpu()
+        passed = attribute.detach() <= config.att_threshold
+        if source_embeddings is not None:
+            passed &= identity.detach() <= config.id_threshold
+        if not grad_enabled:
+            break
+        tuning = ~passed.cpu()
+        if not bool(tuning.any()):
+            break
+        # Only the pairs still tuning take this step; their losses are independent sums, so
+        # one backward gives each copy its own gradient.
+        objective = attribute[tuning.to(attribute.device)].sum()
+        if source_embeddings is not None:
+            objective = objective + identity[tuning.to(identity.device)].sum()
+        gradients = torch.autograd.grad(objective, list(current.values()))
+        active, keep = active[tuning], tuning.nonzero().flatten()
+        rows = active.to(codes.device)
+        steps[active] += 1
+        count_t = steps[active].to(codes.device, torch.float32)
+        correction1 = 1.0 - _BETAS[0] ** count_t
+        correction2 = 1.0 - _BETAS[1] ** count_t
+        with torch.no_grad():
+            for (name, value), gradient in zip(params.items(), gradients):
+                gradient = gradient[keep.to(gradient.device)]
+                shape = (-1,) + (1,) * (value.ndim - 1)
+                m = first[name][rows].mul_(_BETAS[0]).add_(gradient, alpha=1.0 - _BETAS[0])
+                v = second[name][rows].mul_(_BETAS[1]).addcmul_(gradient, gradient, value=1.0 - _BETAS[1])
+                first[name][rows], second[name][rows] = m, v
+                update = (m / correction1.view(shape)) / ((v / correction2.view(shape)).sqrt() + _EPS)
+                value[rows] = value[rows] - config.learning_rate * update
+    return SwapResult(images, steps, identity_loss, attribute_loss)
+
+
+def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: torch.Tensor,
+               targets: torch.Tensor, target_landmarks: torch.Tensor, critics: SwapCritics | None,
+               tune: TuneConfig = TuneConfig(), identity_layers: tuple[int, ...] | None = None) -> SwapResult:
+    """The swap of B pairs of aligned crops, tuned per pair when ``tune.max_steps > 0``.
+
+    Args:
+        swapper: the trained E and D.
+        sources, targets: (B, 3, S, S) crops in [0, 1] at the model's side.
+        source_landmarks, target_landmarks: (B, 68, 2) in those crops' pixels.
+        critics: the measuring networks (needed to tune and to report the losses; None: neither).
+        tune: the tuning's step cap, thresholds and learning rate.
+        identity_layers: overrides the model's identity layers.
+    """
+    layers = swapper.config.identity_layers if identity_layers is None else tuple(identity_layers)
+    with torch.no_grad():
+        codes = swapper.encoder(torch.cat([sources, targets]))
+        source_codes, target_codes = codes.chunk(2)
+        mixed = mix_layers(source_codes, target_codes, layers)
+        source_embeddings = None
+        if critics is not None and critics.identity is not None:
+            source_embeddings = critics.identity.embed(sources * 255.0, source_landmarks.cpu().numpy())
+    if critics is None:
+        with torch.no_grad():
+            images = swapper.decoder(mixed)
+        nan = torch.full((len(images),), math.nan)
+        return SwapResult(images, torch.zeros(len(images), dtype=torch.int64), nan, nan.clone())
+    return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune)

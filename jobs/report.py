@@ -6,7 +6,8 @@ status, and the parameters by name. The kinds that turn photos into avatars show
 the face and its avatars side by side instead: recognize ``photo | avatar``, pinch
 ``photo | recognize avatar | pinch avatar`` (the photo is the aligned face the
 models saw); transfer shows ``source | target landmarks | result | frame`` (the
-source's landmarks in green, the target's in red, over the source). Images are
+source's landmarks in green, the target's in red, over the source); swap shows
+``source | target | result | frame``. Images are
 embedded as data URIs, so the file opens in a browser wherever it is copied.
 """
 
@@ -52,6 +53,8 @@ def _picture_columns(kind: str, options: dict, names: list[str]) -> list[tuple[s
         return [("photo", "aligned"), (start, "init_render"), ("pinch avatar", "render")]
     if kind == "transfer":
         return [("source", "aligned"), ("target landmarks", TARGET_MARKS), ("result", "result"), ("frame", "frame")]
+    if kind == "swap":
+        return [("source", "source_aligned"), ("target", "aligned"), ("result", "result"), ("frame", "frame")]
     return ([(PHOTO, PHOTO)] if "uri" in names else []) + [(c, c) for c in IMAGE_COLUMNS if c in names]
 
 

@@ -245,6 +245,20 @@ def tiny_expression(folder: Path, image_size: int = 64) -> str:
     return str(folder)
 
 
+def tiny_swap(folder: Path, image_size: int = 64) -> str:
+    """A small untrained face-swap E and D saved in ``folder``; returns the folder (a swap job's
+    mechanics, not its quality). Seeded."""
+    import torch
+
+    from facecore import weights
+    from facecore.models.latent import LatentConfig, LatentSwapper
+
+    torch.manual_seed(0)
+    weights.save_model(LatentSwapper(LatentConfig(image_size=image_size, latent_dim=32, channels=8,
+                                                  max_channels=32)), str(folder))
+    return str(folder)
+
+
 FACE_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png")
 
 

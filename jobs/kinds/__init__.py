@@ -6,10 +6,10 @@ Adding a kind: write ``jobs/kinds/<name>.py`` with its spec model, stages and a
 
 from __future__ import annotations
 
-from jobs.kinds import align, landmarks, pinch, recognize, render, train, transfer
+from jobs.kinds import align, landmarks, pinch, recognize, render, swap, train, transfer
 from jobs.kinds.base import JobKind, StageSpec
 
-_MODULES = (align, render, landmarks, pinch, recognize, train, transfer)
+_MODULES = (align, render, landmarks, pinch, recognize, train, transfer, swap)
 
 KINDS: dict[str, JobKind] = {module.KIND.name: module.KIND for module in _MODULES}
 
@@ -34,6 +34,9 @@ SPEC_NAMES: dict[str, type] = {
     "TransferOptions": transfer.TransferOptions,
     "TransferTargets": transfer.TransferTargets,
     "TransferModels": transfer.TransferModels,
+    "SwapJob": swap.SwapJob,
+    "SwapOptions": swap.SwapOptions,
+    "SwapInput": swap.SwapInput,
 }
 
 

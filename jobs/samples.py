@@ -308,19 +308,37 @@ def aligned_expression_pairs(count: int, seed: int, size: int, pose_jitter: floa
     float32 in the crop, vectors (N, D) float32). For tests and benches that need a
     transfer's ground truth without running a job.
     """
+    from jobs.kinds.render import RenderOptions
+
+    return _rendered_pairs(RenderOptions(size=size, seed=seed, align="affine68", pairs="expression",
+                                         pose_jitter=pose_jitter, pair_frame=pair_frame), count, ("", "target_"))
+
+
+def aligned_swap_pairs(count: int, seed: int, size: int):
+    """Rig pairs of two people, as a ``pairs: swap``, ``align: affine68`` render job makes them.
+
+    Returns (source, target, truth), each (images (N, S, S, 3) uint8, landmarks (N, 68, 2)
+    float32 in the crop, vectors (N, D) float32); truth is the target redrawn with the
+    source's identity, in the target's frame.
+    """
+    from jobs.kinds.render import RenderOptions
+
+    return _rendered_pairs(RenderOptions(size=size, seed=seed, align="affine68", pairs="swap"), count,
+                           ("", "target_", "truth_"))
+
+
+def _rendered_pairs(options, count: int, prefixes: tuple[str, ...]):
     import numpy as np
 
     from facecore.images import decode_png
-    from jobs.kinds.render import RenderOptions, RenderStage
+    from jobs.kinds.render import RenderStage
 
-    stage = RenderStage(RenderOptions(size=size, seed=seed, align="affine68", pairs="expression",
-                                      pose_jitter=pose_jitter, pair_frame=pair_frame))
-    table = stage({"key": [str(i) for i in range(count)], "index": list(range(count)), "params": [None] * count,
-                   "status": ["ok"] * count, "error": [None] * count})
+    table = RenderStage(options)({"key": [str(i) for i in range(count)], "index": list(range(count)),
+                                  "params": [None] * count, "status": ["ok"] * count, "error": [None] * count})
 
-    def half(prefix: str):
+    def side(prefix: str):
         return (np.stack([decode_png(data.as_py()) for data in table.column(f"{prefix}image")]),
                 np.array(table.column(f"{prefix}landmarks").to_pylist(), np.float32).reshape(count, 68, 2),
                 np.array(table.column(f"{prefix}params").to_pylist(), np.float32))
 
-    return half(""), half("target_")
+    return tuple(side(prefix) for prefix in prefixes)

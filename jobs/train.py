@@ -499,7 +499,7 @@ def swap_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from facecore.models.identity import IdentityScorer
-    from facecore.models.latent import LayeredEncoder, StyledDecoder, mix_layers
+    from facecore.models.latent import LayeredEncoder, StyledDecoder, blend, mix_layers
     from facecore.models.mobilenet import MobileNetV2Features
     from facecore.training.state import TrainState
     from facecore.training.swap import SwapCritics, SwapLossConfig, swap_step
@@ -560,10 +560,10 @@ def swap_loop_per_worker(config: dict[str, Any]) -> None:
                 batch = _swap_tensors(raw, options.image_size, device)
                 codes = encoder(torch.cat([batch["source"], batch["target"]]))
                 source_codes, target_codes = codes.chunk(2)
-                images = decoder(torch.cat([codes, mix_layers(source_codes, target_codes,
-                                                              model_config.identity_layers)]))
+                images, masks = decoder(torch.cat([codes, mix_layers(source_codes, target_codes,
+                                                                     model_config.identity_layers)]), with_mask=True)
                 inputs, count = torch.cat([batch["source"], batch["target"]]), len(batch["source"])
-                swap = images[2 * count:]
+                swap = blend(images[2 * count:], masks[2 * count:], batch["target"])
                 figures["l1"] += float((swap - batch["truth"]).abs().mean()) * count
                 figures["l1_target"] += float((batch["target"] - batch["truth"]).abs().mean()) * count
                 figures["mse"] += float((images[:2 * count] - inputs).pow(2).mean()) * count

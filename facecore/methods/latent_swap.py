@@ -5,7 +5,9 @@ and the rest from the target, and decodes the mix. With tuning on, each pair
 then gets its own copy of the decoder, trained on ``L_id + L_att`` (its swap
 against its source's dlib descriptor and its target's MobileNetV2 levels) until
 both pass their thresholds or the step cap is reached: the seed's per-image
-refinement, which keeps the encoder's code and moves the decoder to fit.
+refinement, which keeps the encoder's code and moves the decoder to fit. The
+blend mask D draws is kept as the trained decoder draws it: tuning changes what
+D paints, not where it pastes.
 
 The copies are tuned together: the decoder's parameters are stacked along a
 leading pair axis and run through ``torch.func.vmap(functional_call(...))``, so
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from facecore.models.latent import LatentSwapper, mix_layers
+from facecore.models.latent import LatentSwapper, blend, mix_layers
 from facecore.training.swap import SwapCritics, attribute_distance, identity_distance
 
 
@@ -70,16 +72,20 @@ class SwapResult:
 _BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
-def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor,
+def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor, targets: torch.Tensor,
                  target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
                  source_embeddings: torch.Tensor | None,
                  critics: SwapCritics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each pair's swap through its own decoder copy, and its L_id and L_att: (A, 3, S, S), (A,), (A,)."""
 
-    def one(pair_params: dict[str, torch.Tensor], code: torch.Tensor) -> torch.Tensor:
-        return functional_call(decoder, pair_params, (code[None],))[0]
+    def one(pair_params: dict[str, torch.Tensor], code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = functional_call(decoder, pair_params, (code[None],), {"with_mask": True})
+        return image[0], mask[0]
 
-    images = vmap(one)(params, codes)
+    painted, masks = vmap(one)(params, codes)
+    # The mask stays where training put it: tuned, it would fall to the target everywhere,
+    # which L_att alone rewards. Tuning refines what D paints inside it.
+    images = blend(painted, masks.detach(), targets)
     attribute = attribute_distance(critics.features(images), target_features)
     if source_embeddings is None:
         identity = torch.full_like(attribute, float("nan"))
@@ -123,8 +129,8 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         grad_enabled = step < config.max_steps
         with torch.set_grad_enabled(grad_enabled):
             swaps, identity, attribute = _pair_losses(
-                decoder, current, codes[rows], [level[rows] for level in target_features], target_landmarks[rows],
-                None if source_embeddings is None else source_embeddings[rows], critics)
+                decoder, current, codes[rows], targets[rows], [level[rows] for level in target_features],
+                target_landmarks[rows], None if source_embeddings is None else source_embeddings[rows], critics)
         images[rows] = swaps.detach()
         identity_loss[active] = identity.detach().cpu()
         attribute_loss[active] = attribute.detach().cpu()
@@ -183,7 +189,7 @@ def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: 
             source_embeddings = critics.identity.embed(sources * 255.0, source_landmarks.cpu().numpy())
     if critics is None:
         with torch.no_grad():
-            images = swapper.decoder(mixed)
+            images = blend(*swapper.decoder(mixed, with_mask=True), targets)
         nan = torch.full((len(images),), math.nan)
         return SwapResult(images, torch.zeros(len(images), dtype=torch.int64), nan, nan.clone())
     return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune)

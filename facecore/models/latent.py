@@ -49,6 +49,9 @@ class LatentConfig:
         noise: D adds per-pixel noise of learned strength after each convolution
             (StyleGAN's stochastic detail); off by default, so a result is a function of
             its inputs alone.
+        blend: D also draws a mask, and a swap is ``mask · D(mix) + (1 − mask) · target``:
+            D paints the face and the target's own pixels keep its hair and background
+            (the mask is learned; the rig's ground truth teaches where the face ends).
     """
 
     image_size: int = 64
@@ -57,6 +60,7 @@ class LatentConfig:
     max_channels: int = 128
     identity_layers: tuple[int, ...] = (4, 5)
     noise: bool = False
+    blend: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size < 8 or self.image_size & (self.image_size - 1):
@@ -131,7 +135,8 @@ class _StyledLevel(nn.Module):
         self.upsample = upsample
         self.conv1 = ModulatedConv(in_channels, channels, config.latent_dim)
         self.conv2 = ModulatedConv(channels, channels, config.latent_dim)
-        self.rgb = ModulatedConv(channels, 3, config.latent_dim, kernel=1, demodulate=False)
+        # RGB, and the blend mask's logit when the config has one.
+        self.rgb = ModulatedConv(channels, 4 if config.blend else 3, config.latent_dim, kernel=1, demodulate=False)
         self.noise_strength = nn.Parameter(torch.zeros(2)) if config.noise else None
 
     def forward(self, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
@@ -148,7 +153,8 @@ class _StyledLevel(nn.Module):
 
 
 class StyledDecoder(nn.Module):
-    """D: (B, n, L) layered codes → (B, 3, S, S) images in [0, 1]."""
+    """D: (B, n, L) layered codes → (B, 3, S, S) images in [0, 1] (and, with ``with_mask``, the
+    (B, 1, S, S) blend masks in [0, 1] of a ``blend`` config)."""
 
     def __init__(self, config: LatentConfig) -> None:
         super().__init__()
@@ -158,7 +164,8 @@ class StyledDecoder(nn.Module):
             _StyledLevel(config.width(max(level - 1, 0)), config.width(level), config, upsample=level > 0)
             for level in range(config.levels))
 
-    def forward(self, codes: torch.Tensor, noise: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, noise: torch.Generator | None = None,
+                with_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         config = self.config
         if codes.ndim != 3 or codes.shape[1:] != (config.num_layers, config.latent_dim):
             raise ValueError(f"expected codes of shape (B, {config.num_layers}, {config.latent_dim}), "
@@ -169,7 +176,17 @@ class StyledDecoder(nn.Module):
             x, rgb = block(x, codes[:, 2 * level], codes[:, 2 * level + 1], noise)
             picture = rgb if picture is None else rgb + F.interpolate(picture, scale_factor=2.0, mode="bilinear",
                                                                       align_corners=False)
-        return torch.sigmoid(picture)
+        image = torch.sigmoid(picture[:, :3])
+        if not with_mask:
+            return image
+        if not config.blend:
+            return image, torch.ones_like(image[:, :1])
+        return image, torch.sigmoid(picture[:, 3:])
+
+
+def blend(images: torch.Tensor, masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """D's swap over the target: ``mask · image + (1 − mask) · target``."""
+    return masks * images + (1.0 - masks) * targets
 
 
 def _down(in_channels: int, channels: int) -> nn.Sequential:
@@ -226,4 +243,5 @@ class LatentSwapper(nn.Module):
         codes = self.encoder(torch.cat([source, target]))
         source_codes, target_codes = codes.chunk(2)
         layers = self.config.identity_layers if identity_layers is None else identity_layers
-        return self.decoder(mix_layers(source_codes, target_codes, layers))
+        images, masks = self.decoder(mix_layers(source_codes, target_codes, layers), with_mask=True)
+        return blend(images, masks, target)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facecore.models.latent import mix_layers
+from facecore.models.latent import blend, mix_layers
 from facecore.models.mobilenet import MobileNetV2Features
 from facecore.training.state import TrainState
 
@@ -90,8 +90,12 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
     codes = encoder(torch.cat([source, target]))
     source_codes, target_codes = codes.chunk(2)
     identity_layers = getattr(decoder, "module", decoder).config.identity_layers  # DDP wraps the decoder
-    images = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]))
-    reconstructed, swap = images[:2 * len(source)], images[2 * len(source):]
+    # One pass of D: the reconstructions are D's own pictures (a blend with the input
+    # would make them trivial), the swap is blended over the target.
+    images, masks = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]),
+                            with_mask=True)
+    reconstructed = images[:2 * len(source)]
+    swap = blend(images[2 * len(source):], masks[2 * len(source):], target)
     inputs = torch.cat([source, target])
     losses: dict[str, torch.Tensor] = {}
     losses["mse"] = (reconstructed - inputs).pow(2).flatten(1).mean(dim=1).mean()

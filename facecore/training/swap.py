@@ -3,7 +3,9 @@
 A batch holds pairs of two people: ``source`` and ``target`` crops (B, 3, S, S) in
 [0, 1] and their 68 landmarks (``source_landmarks``, ``target_landmarks``, (B, 68, 2)
 in crop pixels); rig pairs also hold the swap's ground truth ``truth`` (B, 3, S, S)
-and ``has_truth`` (B,) says which rows do (photos have none).
+and ``has_truth`` (B,) says which rows do (photos have none). ``prior`` (B, 2, S, S),
+optional, is the landmark warp of the target to the source's face shape that the
+swap's flow starts from (:func:`facecore.methods.latent_swap.prior_flows`).
 
 With ``w_s = E(source)``, ``w_t = E(target)`` and the swap ``Y = D(mix(w_s, w_t))``:
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facecore.models.latent import blend, mix_layers
+from facecore.models.latent import composite, mix_layers
 from facecore.models.mobilenet import MobileNetV2Features
 from facecore.training.state import TrainState
 
@@ -90,12 +92,12 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
     codes = encoder(torch.cat([source, target]))
     source_codes, target_codes = codes.chunk(2)
     identity_layers = getattr(decoder, "module", decoder).config.identity_layers  # DDP wraps the decoder
-    # One pass of D: the reconstructions are D's own pictures (a blend with the input
-    # would make them trivial), the swap is blended over the target.
-    images, masks = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]),
-                            with_mask=True)
+    # One pass of D: the reconstructions are D's own pictures (composited over the input
+    # they would be trivial), the swap is composited over the target.
+    images, placement = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]),
+                                placed=True)
     reconstructed = images[:2 * len(source)]
-    swap = blend(images[2 * len(source):], masks[2 * len(source):], target)
+    swap = composite(images[2 * len(source):], placement[2 * len(source):], target, batch.get("prior"))
     inputs = torch.cat([source, target])
     losses: dict[str, torch.Tensor] = {}
     losses["mse"] = (reconstructed - inputs).pow(2).flatten(1).mean(dim=1).mean()

@@ -7,8 +7,10 @@ output folder: game avatars, whose landmarks the render knows.
 
 CPU pool: fetch both sides, decode, detect and align each with the 68-point
 affine (as E learned). A side that fails makes the pair's row say which side
-(``failed_side``) and why. Model pool: E encodes both, the source's identity
-layers and the target's others are decoded, each pair's decoder copy is tuned
+(``failed_side``) and why. Model pool: the regressor finds both faces' rig
+vectors, and so the target's landmarks with the source's face shape, the warp
+the swap starts from; E encodes both, the source's identity layers and the
+target's others are decoded, each pair's decoder copy is tuned
 (``options.tune``, :mod:`facecore.methods.latent_swap`), dlib's ResNet scores the
 result against both faces. CPU pool again: PNG, dlib's landmarks of the result
 against the target's, the result colour-matched and pasted back into the target
@@ -103,8 +105,11 @@ class SwapOptions(AlignOptions):
 
 class SwapModels(StrictModel):
     swap: str | None = None  # a `model: swap` training output's model folder; None: the shipped preset
+    # The regressor whose rig vectors give the source's face shape on the target (the warp the swap
+    # starts from); None: the shipped preset.
+    regressor: str | None = None
 
-    @field_validator("swap")
+    @field_validator("swap", "regressor")
     @classmethod
     def _model_uri(cls, value: str | None) -> str | None:
         return model_uri(value)
@@ -410,15 +415,20 @@ class SwapStage(ModelStage):
 
     def __init__(self, swap_uri: str | None, options: SwapOptions, storage: StorageSpec | None = None,
                  batch_size: int = 16, device: str = "auto", wants_gpu: bool = False,
-                 cpu_threads: int | None = None) -> None:
+                 cpu_threads: int | None = None, regressor_uri: str | None = None) -> None:
         from facecore.methods.latent_swap import TuneConfig
         from facecore.models.identity import IdentityScorer
         from facecore.models.mobilenet import MobileNetV2Features
         from facecore.training.swap import SwapCritics
 
+        from facecore.rig import default_schema
+        from jobs.kinds.recognize import load_regressor
+
         super().__init__(batch_size, device, wants_gpu, cpu_threads)
         self.size = options.size
         self.swapper = load_swapper(swap_uri, storage, self.device)
+        self.rig = default_schema()
+        self.regressor = load_regressor(regressor_uri, storage, self.device, self.rig)
         self.scorer = IdentityScorer(device=self.device)
         self.critics = SwapCritics(MobileNetV2Features.pretrained().to(self.device), self.scorer)
         self.tune = TuneConfig(**options.tune.model_dump())
@@ -434,7 +444,7 @@ class SwapStage(ModelStage):
         import torch.nn.functional as F
 
         from facecore.images import decode_png
-        from facecore.methods.latent_swap import swap_faces
+        from facecore.methods.latent_swap import regressed_prior, swap_faces
         from jobs.kinds.recognize import model_inputs
 
         side = self.swapper.config.image_size
@@ -444,8 +454,9 @@ class SwapStage(ModelStage):
                   for name, column in (("source", "source_landmarks"), ("target", "aligned_landmarks"))}
         sources, source_points = model_inputs(crops["source"], points["source"], side, self.device)
         targets, target_points = model_inputs(crops["target"], points["target"], side, self.device)
+        prior = regressed_prior(self.regressor, self.rig, sources, source_points, targets, target_points)
         result = swap_faces(self.swapper, sources, source_points, targets, target_points, self.critics, self.tune,
-                            self.identity_layers)
+                            self.identity_layers, prior)
         with torch.inference_mode():
             images = result.images
             if side != self.size:
@@ -527,7 +538,8 @@ class SwapKind(PhotoKind):
 
     def model_stage(self, spec: SwapJob) -> StageSpec:
         resources = spec.resources
-        return StageSpec(SwapStage, {"swap_uri": spec.models.swap, "options": spec.options, "storage": spec.storage,
+        return StageSpec(SwapStage, {"swap_uri": spec.models.swap, "regressor_uri": spec.models.regressor,
+                                     "options": spec.options, "storage": spec.storage,
                                      "batch_size": resources.batch_size, "device": resources.device,
                                      "wants_gpu": resources.num_gpus > 0})
 
@@ -539,7 +551,8 @@ class SwapKind(PhotoKind):
         from facecore.models.mobilenet import weights_path
 
         return {**super().model_files(spec), "dlib_recognition": str(model_path(RESNET_RECOGNITION)),
-                "mobilenet_v2": str(weights_path()), "swap": weights_file(spec.models.swap, "swap")}
+                "mobilenet_v2": str(weights_path()), "swap": weights_file(spec.models.swap, "swap"),
+                "regressor": weights_file(spec.models.regressor, "regressor")}
 
     def row_bytes(self, spec: SwapJob) -> int:
         frame = 3 * 1024 * 1024 if spec.options.paste_back else 0  # a PNG photo of a few megapixels

@@ -1,19 +1,16 @@
-"""The demo: align, recognize, pinch, transfer and swap jobs over real sample photos and broken files.
+"""The demo: align, recognize, pinch and transfer jobs over real sample photos and broken files.
 
 Everything runs on embedded defaults: a local Ray, local files, dlib's packaged
-models and the imitator, parser, regressor, expression G and face-swap E and D the
-project ships (``facecore.presets``). The inputs are the sample photos of
-:mod:`jobs.samples` plus the bad-input corpus, so the output shows every status a
-real job produces; the swap job pairs the photos of three people, and a pair with a
-face-less target and one with a missing source. The recognize, pinch, transfer and
-swap outputs get an HTML contact sheet each.
+models and the imitator, parser, regressor and expression G the project ships
+(``facecore.presets``). The inputs are the sample photos of :mod:`jobs.samples`
+plus the bad-input corpus, so the output shows every status a real job produces;
+the recognize, pinch and transfer outputs get an HTML contact sheet each.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import yaml
 
 from jobs.manifest import write_manifest
@@ -60,20 +57,8 @@ def prepare_demo(folder: Path) -> list[Path]:
         "options": {"targets": {"expressions": ["smile", "surprise", "eyes_closed"]}},
         "resources": {"concurrency": 1, "batch_size": 8},
     }
-    pairs = [("obama.jpg", "biden.jpg"), ("biden.jpg", "obama2.jpg"), ("astronaut.png", "obama3.jpg"),
-             ("obama.jpg", "astronaut.png"), ("biden.jpg", "astronaut.png"), ("astronaut.png", "biden.jpg"),
-             ("obama.jpg", "corpus/no_face.png"), ("corpus/does_not_exist.jpg", "biden.jpg")]
-    pd.DataFrame({"source_uri": [f"inputs/{source}" for source, _ in pairs],
-                  "target_uri": [f"inputs/{target}" for _, target in pairs]}).to_csv(folder / "pairs.csv", index=False)
-    swap = {
-        "kind": "swap",  # no models: the shipped preset
-        "input": {"manifest": str(folder / "pairs.csv")},
-        "output": {"path": str(folder / "swap")},
-        "resources": {"concurrency": 1, "batch_size": 8},
-    }
     paths = []
-    for name, document in (("align", spec), ("recognize", recognize), ("pinch", pinch), ("transfer", transfer),
-                           ("swap", swap)):
+    for name, document in (("align", spec), ("recognize", recognize), ("pinch", pinch), ("transfer", transfer)):
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         paths.append(path)
@@ -91,6 +76,6 @@ def run_demo(folder: Path, progress: bool = True) -> list[tuple[Path, RunSummary
         spec = load_spec(spec_path)
         summary = run(spec, progress=progress)
         results.append((spec_path, summary))
-        if spec.kind in ("recognize", "pinch", "transfer", "swap"):
+        if spec.kind in ("recognize", "pinch", "transfer"):
             print(f"{spec.kind} contact sheet: {write_report(spec.output.path)}")
     return results

@@ -175,7 +175,7 @@ def test_swap_job_on_s3(ray_cluster, photos, swapper, s3_server):
 def test_swap_spec_defaults_and_errors_name_fields():
     base = {"kind": "swap", "input": {"manifest": "pairs.csv"}, "output": {"path": "o"}}
     options = parse_spec(base).options
-    assert (options.method, options.size, options.paste_back, options.tune.max_steps) == ("affine68", 128, True, 30)
+    assert (options.method, options.size, options.paste_back, options.tune.max_steps) == ("affine68", 128, True, 0)
     for inputs, message in [
         ({"manifest": "p.csv", "sources": "s.csv"}, r"input: .*either manifest .* not both"),
         ({"sources": "s.csv"}, r"input: .*give manifest .* or both sources and targets"),

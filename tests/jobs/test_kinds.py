@@ -12,7 +12,7 @@ from jobs.spec import parse_spec
 
 
 def test_every_kind_is_registered_with_its_spec():
-    assert sorted(KINDS) == ["align", "landmarks", "pinch", "recognize", "render", "train", "transfer"]
+    assert sorted(KINDS) == ["align", "landmarks", "pinch", "recognize", "render", "swap", "train", "transfer"]
     for name, kind in KINDS.items():
         assert kind.name == name
         assert kind.spec_model.model_fields["kind"].annotation.__args__ == (name,)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from facecore.images import encode_png
+from facecore.images import decode_png, encode_png
 from jobs.kinds.base import PhotoKind, StageSpec, refuse_bad_uris, storage_schemes
 from jobs.kinds.recognize import model_uri, weights_file
 from jobs.spec import AlignOptions, LimitsSpec, OutputSpec, ResourcesSpec, StorageSpec, StrictModel, check_uri
@@ -447,7 +447,6 @@ class SwapStage(ModelStage):
         import torch
         import torch.nn.functional as F
 
-        from facecore.images import decode_png
         from facecore.methods.latent_swap import regressed_prior, swap_faces
         from jobs.kinds.recognize import model_inputs
 
@@ -510,8 +509,6 @@ class SwapFinishStage:
             row["landmark_nme_target"] = landmark_nme(faces[0].landmarks, wanted) if faces else None
             row["result"] = encode_png(result)
             if photo is not None:
-                from facecore.images import decode_png
-
                 target = decode_png(row["aligned"])
                 mask = face_mask(wanted, side, side)
                 matched = match_colours(result, target, mask)

@@ -35,7 +35,7 @@ import torch
 from pinch_inputs import align_largest_face, pinch_aligner
 
 from facecore.methods.landmark_swap import landmark_swap
-from facecore.methods.latent_swap import TuneConfig, regressed_prior, swap_faces
+from facecore.methods.latent_swap import TuneConfig, regressed_guides, swap_faces
 from facecore.models.identity import IdentityScorer
 from facecore.models.latent import composite
 from facecore.models.mobilenet import MobileNetV2Features
@@ -60,16 +60,19 @@ def as_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 def latent_swaps(swapper, critics, tune: TuneConfig, sources, source_points, targets, target_points,
-                 batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                 rendered: np.ndarray | None = None, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """The swap job's model work on aligned crops at the model's side (the regressor's warp, E, D,
-    tuning): (results uint8, tune steps)."""
+    tuning): (results uint8, tune steps). ``rendered``: the targets' rig vectors when they are
+    renders (as a job with a render output for targets has them)."""
     images, steps = [], []
     for start in range(0, len(sources), batch):
         part = slice(start, start + batch)
         inputs = (as_tensor(sources[part]), torch.from_numpy(source_points[part]), as_tensor(targets[part]),
                   torch.from_numpy(target_points[part]))
-        prior = regressed_prior(REGRESSOR, RIG, *inputs)
-        result = swap_faces(swapper, *inputs, critics, tune, prior=prior)
+        prior, source_layer = regressed_guides(REGRESSOR, RIG, *inputs,
+                                               rendered=None if rendered is None else list(rendered[part]))
+        known = None if rendered is None else torch.tensor([vector is not None for vector in rendered[part]])
+        result = swap_faces(swapper, *inputs, critics, tune, prior=prior, source=source_layer, rendered=known)
         images.append(as_pixels(result.images))
         steps.append(result.tune_steps.numpy())
     return np.concatenate(images), np.concatenate(steps)
@@ -77,25 +80,30 @@ def latent_swaps(swapper, critics, tune: TuneConfig, sources, source_points, tar
 
 def rig_scores(swapper, critics, tune: TuneConfig, count: int) -> dict[str, float]:
     side = swapper.config.image_size
-    (sources, source_points, _), (targets, target_points, _), (truths, _, _) = aligned_swap_pairs(count, 424242,
-                                                                                                 side)
-    tuned, steps = latent_swaps(swapper, critics, tune, sources, source_points, targets, target_points)
+    (sources, source_points, _), (targets, target_points, rendered), (truths, _, _) = aligned_swap_pairs(
+        count, 424242, side)
+    # The targets are renders, as a job's are when input.targets is a render output: the job
+    # knows their rig vectors. The sources are taken as photos (the regressor's estimate).
+    tuned, steps = latent_swaps(swapper, critics, tune, sources, source_points, targets, target_points, rendered)
     plain, _ = latent_swaps(swapper, critics, TuneConfig(max_steps=0), sources, source_points, targets,
-                            target_points)
+                            target_points, rendered)
+    # Both sides taken as photos (the job's path for photo targets: both shapes estimated, and the source layer).
+    as_photos, _ = latent_swaps(swapper, None, TuneConfig(max_steps=0), sources, source_points, targets,
+                                target_points, np.full(len(targets), None))
     baseline = np.stack([landmark_swap(s, sp, t, tp) for s, sp, t, tp in
                          zip(sources, source_points, targets, target_points)])
-    # The regressor's warp alone (what the swap starts from), for reference.
+    # The warp alone (what the swap starts from), for reference.
     target_t = as_tensor(targets)
-    prior = regressed_prior(REGRESSOR, RIG, as_tensor(sources), torch.from_numpy(source_points), target_t,
-                            torch.from_numpy(target_points))
-    still = torch.zeros(len(targets), 3, side, side)  # mask 0, no flow of D's own
+    prior, _ = regressed_guides(REGRESSOR, RIG, as_tensor(sources), torch.from_numpy(source_points), target_t,
+                                torch.from_numpy(target_points), list(rendered))
+    still = torch.zeros(len(targets), 4, side, side)  # mask 0, no flow of D's own, no source
     warp_only = as_pixels(composite(torch.zeros_like(target_t), still, target_t, prior))
 
     def l1(images: np.ndarray) -> float:
         return float(np.abs(images.astype(np.float64) - truths.astype(np.float64)).mean() / 255.0)
 
     scores = {"swap": l1(tuned), "untuned": l1(plain), "baseline": l1(baseline), "copy_target": l1(targets),
-              "warp_only": l1(warp_only)}
+              "warp_only": l1(warp_only), "both_regressed": l1(as_photos)}
     print(f"rig pairs ({count}, {side} px): L1 to the truth " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f"; tune steps mean {steps.mean():.1f}, max {steps.max()}")
     return scores
@@ -132,15 +140,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder of the swap (default: the shipped preset)")
     parser.add_argument("--pairs", type=int, default=100)
-    parser.add_argument("--max-steps", type=int, default=None, help="tuning's step cap (default: the job's)")
+    for name in ("max_steps", "id_threshold", "att_threshold", "learning_rate"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int if name == "max_steps" else float, default=None,
+                            help=f"tuning's {name} (default: the job's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     swapper = load_swapper(args.model, None, "cpu")
     scorer = IdentityScorer(device="cpu")
     critics = SwapCritics(MobileNetV2Features.pretrained(), scorer)
-    tune = TuneConfig(**TuneOptions().model_dump())
-    if args.max_steps is not None:
-        tune = TuneConfig(**{**TuneOptions().model_dump(), "max_steps": args.max_steps})
+    tune = TuneConfig(**{name: value if getattr(args, name) is None else getattr(args, name)
+                         for name, value in TuneOptions().model_dump().items()})
     print(f"tuning: {tune}; identity layers {swapper.config.identity_layers}")
     started = time.perf_counter()
     rig = rig_scores(swapper, critics, tune, args.pairs)
@@ -185,6 +194,7 @@ def main() -> None:
     print(f"RESULT rig_l1_ratio={rig['swap'] / rig['baseline']:.3f} id_top1={ours['right'].mean():.3f} "
           f"id_top1_baseline={theirs['right'].mean():.3f} att_nme={np.nanmean(ours['nme']):.4f} "
           f"detect={ours['found'].mean():.3f} untuned_rig_l1_ratio={rig['untuned'] / rig['baseline']:.3f} "
+          f"both_regressed_rig_l1_ratio={rig['both_regressed'] / rig['baseline']:.3f} "
           f"id_top1_two_people={ours['right'][two_people].mean():.3f} "
           f"id_top1_two_people_baseline={theirs['right'][two_people].mean():.3f} "
           f"att_nme_baseline={np.nanmean(theirs['nme']):.4f} detect_baseline={theirs['found'].mean():.3f}")

@@ -473,18 +473,25 @@ def _swap_tensors(raw: dict[str, np.ndarray], size: int, device: torch.device) -
     batch["prior"] = prior_flows(batch["target_landmarks"].cpu().numpy(), batch.pop("truth_landmarks").cpu().numpy(),
                                  size).to(device)
     batch["has_truth"] = torch.ones(len(batch["source"]), device=device)
+    # The rig's targets are avatars: no source layer (see facecore.methods.latent_swap.regressed_guides).
+    batch["source_layer"] = torch.zeros(len(batch["source"]), 4, size, size, device=device)
     return batch
 
 
 def _photo_swaps(photos: dict[str, torch.Tensor], pick: torch.Tensor) -> dict[str, torch.Tensor]:
     """Photos ``pick`` as swap pairs, each with the next one picked as its target; no ground truth."""
+    from facecore.methods.latent_swap import source_layers
+
     partner = torch.roll(pick, 1)
     device = photos["image"].device
     source, target = photos["image"][pick.to(device)], photos["image"][partner.to(device)]
+    source_landmarks, target_landmarks = photos["landmarks"][pick.to(device)], photos["landmarks"][partner.to(device)]
     return {"source": source, "target": target, "truth": target,
-            "source_landmarks": photos["landmarks"][pick.to(device)],
-            "target_landmarks": photos["landmarks"][partner.to(device)],
+            "source_landmarks": source_landmarks, "target_landmarks": target_landmarks,
             "prior": torch.zeros(len(pick), 2, *source.shape[2:], device=device),  # no face shape known
+            # ...so the source layer is the source's face on the target's landmarks.
+            "source_layer": source_layers(source, source_landmarks.cpu().numpy(), target,
+                                          target_landmarks.cpu().numpy()),
             "has_truth": torch.zeros(len(pick), device=device)}
 
 

@@ -73,20 +73,24 @@ class SwapResult:
 _BETAS, _EPS = (0.9, 0.999), 1e-8
 
 
-def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor, targets: torch.Tensor,
-                 prior: torch.Tensor | None, target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
+def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: torch.Tensor, masks: torch.Tensor,
+                 targets: torch.Tensor, prior: torch.Tensor | None, source: torch.Tensor | None,
+                 target_features: list[torch.Tensor], target_landmarks: torch.Tensor,
                  source_embeddings: torch.Tensor | None,
                  critics: SwapCritics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each pair's swap through its own decoder copy, and its L_id and L_att: (A, 3, S, S), (A,), (A,)."""
+    """Each pair's swap through its own decoder copy, and its L_id and L_att: (A, 3, S, S), (A,), (A,).
+    ``masks``: (A, 1, S, S) the untuned decoder's masks, which the copies paint through."""
 
     def one(pair_params: dict[str, torch.Tensor], code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image, placement = functional_call(decoder, pair_params, (code[None],), {"placed": True})
         return image[0], placement[0]
 
     painted, placement = vmap(one)(params, codes)
-    # The mask stays where training put it: tuned, it would fall to the target everywhere,
-    # which L_att alone rewards. Tuning refines what D paints inside it and the flow.
-    images = composite(painted, torch.cat([placement[:, :1].detach(), placement[:, 1:]], dim=1), targets, prior)
+    # The mask stays where the trained D put it. A copy's own mask moves with every weight
+    # its levels share, and a few steps spread the painting over the face (dark blots on
+    # photos). Tuning refines what D paints inside the mask, the flow, and how much of
+    # the source layer shows (L_id opens that gate, L_att holds it back).
+    images = composite(painted, torch.cat([masks, placement[:, 1:]], dim=1), targets, prior, source)
     attribute = attribute_distance(critics.features(images), target_features)
     if source_embeddings is None:
         identity = torch.full_like(attribute, float("nan"))
@@ -97,8 +101,14 @@ def _pair_losses(decoder: nn.Module, params: dict[str, torch.Tensor], codes: tor
 
 def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor, target_landmarks: torch.Tensor,
                   source_embeddings: torch.Tensor | None, critics: SwapCritics, config: TuneConfig,
-                  prior: torch.Tensor | None = None) -> SwapResult:
+                  prior: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                  rendered: torch.Tensor | None = None) -> SwapResult:
     """Tune one decoder copy per pair on ``L_id + L_att`` until both pass or ``config.max_steps``.
+
+    A pair's objective is how far each loss still is above its threshold
+    (``max(0, L_id − id_threshold) + max(0, L_att − att_threshold)``): a loss that
+    passes stops pulling, so L_att, which always prefers the target itself, does not
+    undo the identity once it is within its threshold, and the reverse.
 
     Args:
         decoder: the trained D (left unchanged).
@@ -109,6 +119,10 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         critics: the frozen measuring networks.
         config: steps, thresholds, learning rate.
         prior: (B, 2, S, S) the landmark warps the swaps' flows start from (None: none).
+        source: (B, 4, S, S) the source layers (:func:`source_layers`; None: none).
+        rendered: (B,) bool, the targets that are rig renders: their L_id is reported and not
+            tuned on (dlib tells the rig's faces apart no better than 1 − cos ≈ 0.06, and an
+            avatar's identity is its rig parameters, which the prior warp already carries).
 
     Returns:
         The swaps of the final copies and, per pair, its steps and final losses.
@@ -124,6 +138,7 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
     attribute_loss = torch.full((count,), float("nan"), dtype=targets.dtype)
     with torch.no_grad():
         target_features = [level.detach() for level in critics.features(targets)]
+        masks = decoder(codes, placed=True)[1][:, :1]
     active = torch.arange(count)
     # Step 0 measures the untuned swap; after step k's update comes step k+1's measurement.
     for step in range(config.max_steps + 1):
@@ -132,15 +147,17 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         grad_enabled = step < config.max_steps
         with torch.set_grad_enabled(grad_enabled):
             swaps, identity, attribute = _pair_losses(
-                decoder, current, codes[rows], targets[rows], None if prior is None else prior[rows],
-                [level[rows] for level in target_features],
+                decoder, current, codes[rows], masks[rows], targets[rows], None if prior is None else prior[rows],
+                None if source is None else source[rows], [level[rows] for level in target_features],
                 target_landmarks[rows], None if source_embeddings is None else source_embeddings[rows], critics)
         images[rows] = swaps.detach()
         identity_loss[active] = identity.detach().cpu()
         attribute_loss[active] = attribute.detach().cpu()
-        passed = attribute.detach() <= config.att_threshold
+        excess = (attribute - config.att_threshold).clamp_min(0.0)
         if source_embeddings is not None:
-            passed &= identity.detach() <= config.id_threshold
+            judged = (~rendered[rows]).to(identity.dtype) if rendered is not None else torch.ones_like(identity)
+            excess = excess + (identity - config.id_threshold).clamp_min(0.0) * judged
+        passed = excess.detach() <= 0.0
         if not grad_enabled:
             break
         tuning = ~passed.cpu()
@@ -148,9 +165,7 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
             break
         # Only the pairs still tuning take this step; their losses are independent sums, so
         # one backward gives each copy its own gradient.
-        objective = attribute[tuning.to(attribute.device)].sum()
-        if source_embeddings is not None:
-            objective = objective + identity[tuning.to(identity.device)].sum()
+        objective = excess[tuning.to(excess.device)].sum()
         gradients = torch.autograd.grad(objective, list(current.values()))
         active, keep = active[tuning], tuning.nonzero().flatten()
         rows = active.to(codes.device)
@@ -173,7 +188,8 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
 def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: torch.Tensor,
                targets: torch.Tensor, target_landmarks: torch.Tensor, critics: SwapCritics | None,
                tune: TuneConfig = TuneConfig(), identity_layers: tuple[int, ...] | None = None,
-               prior: torch.Tensor | None = None) -> SwapResult:
+               prior: torch.Tensor | None = None, source: torch.Tensor | None = None,
+               rendered: torch.Tensor | None = None) -> SwapResult:
     """The swap of B pairs of aligned crops, tuned per pair when ``tune.max_steps > 0``.
 
     Args:
@@ -185,6 +201,8 @@ def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: 
         identity_layers: overrides the model's identity layers.
         prior: (B, 2, S, S) the landmark warps of the targets to the sources' face shapes
             (:func:`prior_flows`); None: none.
+        source: (B, 4, S, S) the source layers (:func:`source_layers`); None: none.
+        rendered: (B,) bool, the targets that are rig renders (:func:`tune_decoders`); None: none.
     """
     layers = swapper.config.identity_layers if identity_layers is None else tuple(identity_layers)
     with torch.no_grad():
@@ -196,10 +214,11 @@ def swap_faces(swapper: LatentSwapper, sources: torch.Tensor, source_landmarks: 
             source_embeddings = critics.identity.embed(sources * 255.0, source_landmarks.cpu().numpy())
     if critics is None:
         with torch.no_grad():
-            images = composite(*swapper.decoder(mixed, placed=True), targets, prior)
+            images = composite(*swapper.decoder(mixed, placed=True), targets, prior, source)
         nan = torch.full((len(images),), math.nan)
         return SwapResult(images, torch.zeros(len(images), dtype=torch.int64), nan, nan.clone())
-    return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune, prior)
+    return tune_decoders(swapper.decoder, mixed, targets, target_landmarks, source_embeddings, critics, tune, prior,
+                         source, rendered)
 
 
 def prior_flows(target_landmarks: np.ndarray, swapped_landmarks: np.ndarray, size: int) -> torch.Tensor:
@@ -226,15 +245,58 @@ def swapped_landmarks(target_landmarks: np.ndarray, target_vectors: torch.Tensor
     return moved_landmarks(target_landmarks, target_vectors, "identity", source_vectors[:, identity], schema, size)
 
 
-def regressed_prior(regressor, schema, sources: torch.Tensor, source_landmarks: torch.Tensor,
-                    targets: torch.Tensor, target_landmarks: torch.Tensor) -> torch.Tensor:
-    """:func:`prior_flows` with the face shapes the regressor finds: (B, 2, S, S).
+def source_layers(sources: torch.Tensor, source_landmarks: np.ndarray, targets: torch.Tensor,
+                  swapped: np.ndarray, feather: float = 0.03) -> torch.Tensor:
+    """The source layers :func:`facecore.models.latent.composite` shows under D's gate: (B, 4, S, S).
+
+    Each source's face is warped piecewise-affinely onto the swap's landmarks in its
+    target's frame (its own features in the source's face shape and the target's
+    pose), its colours matched to the target's skin there (Lab, as the landmark swap
+    does), with an alpha of the face's hull, shrunk and feathered by ``feather`` of
+    the side so that the gate never shows the source's hair, background or crop edge.
+
+    Args:
+        sources, targets: (B, 3, S, S) crops in [0, 1].
+        source_landmarks: (B, 68, 2) the sources' landmarks in their crops' pixels.
+        swapped: (B, 68, 2) the swaps' landmarks in the targets' crops (:func:`swapped_landmarks`).
+    """
+    import cv2
+
+    from facecore.methods.landmark_swap import face_mask, match_colours
+    from facecore.methods.landmark_warp import piecewise_affine_maps
+
+    size = targets.shape[-1]
+    as_pixels = lambda images: (images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
+    layers = []
+    for source, points, target, place in zip(as_pixels(sources), np.asarray(source_landmarks, np.float64),
+                                             as_pixels(targets), np.asarray(swapped, np.float64)):
+        map_x, map_y = piecewise_affine_maps(points, place, size, size)
+        moved = cv2.remap(source, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        hull = face_mask(place, size, size, shrink=0.08)
+        moved = match_colours(moved, target, hull)
+        alpha = cv2.GaussianBlur(hull.astype(np.float32) / 255.0, (0, 0), feather * size)
+        layers.append(np.concatenate([moved.astype(np.float32) / 255.0, alpha[..., None]], axis=2))
+    return torch.from_numpy(np.stack(layers)).permute(0, 3, 1, 2).contiguous().to(targets.device)
+
+
+def regressed_guides(regressor, schema, sources: torch.Tensor, source_landmarks: torch.Tensor,
+                     targets: torch.Tensor, target_landmarks: torch.Tensor,
+                     rendered: list[np.ndarray | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a swap is composited with, from the face shapes the regressor finds: the prior warp
+    (:func:`prior_flows`, (B, 2, S, S)) and the source layers (:func:`source_layers`, (B, 4, S, S)).
+
+    A target that is a rig render (a game avatar) comes with the rig vector it was drawn
+    with (``rendered[i]``), used instead of the regressor's estimate. Its source layer is
+    empty (alpha 0): an avatar's identity is its rig's identity parameters, its face
+    shape, and its skin and style stay the avatar's; a photo's skin on it would not be a
+    swap but a pasted photo.
 
     Args:
         regressor: the recognize job's regressor (rig vectors from aligned crops).
         schema: its rig.
         sources, targets: (B, 3, S, S) aligned crops in [0, 1].
         source_landmarks, target_landmarks: (B, 68, 2) in those crops' pixels.
+        rendered: per pair, the target's rig vector when it is a render, else None.
     """
     import torch.nn.functional as F
 
@@ -248,6 +310,13 @@ def regressed_prior(regressor, schema, sources: torch.Tensor, source_landmarks: 
 
     with torch.inference_mode():
         source_vectors, target_vectors = vectors(sources, source_landmarks), vectors(targets, target_landmarks)
+    target_vectors = target_vectors.detach().float().cpu().clone()
+    known = [i for i, vector in enumerate(rendered or []) if vector is not None]
+    for i in known:
+        target_vectors[i] = torch.as_tensor(np.asarray(rendered[i], np.float32)[:target_vectors.shape[1]])
     points = target_landmarks.detach().cpu().numpy()
     moved = swapped_landmarks(points, target_vectors, source_vectors, schema, size)
-    return prior_flows(points, moved, size).to(sources.device)
+    prior = prior_flows(points, moved, size).to(sources.device)
+    layers = source_layers(sources, source_landmarks.detach().cpu().numpy(), targets, moved)
+    layers[known, 3] = 0.0
+    return prior, layers

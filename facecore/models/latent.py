@@ -53,7 +53,10 @@ class LatentConfig:
             and a swap is ``mask · D(mix) + (1 − mask) · warp(target, flow)``. D paints the
             face where it must, and elsewhere the target's own pixels, moved by the flow,
             keep its hair and background and reshape its face (the rig's identity is much
-            of it geometry, which a warp gives at once and a painting only slowly).
+            of it geometry, which a warp gives at once and a painting only slowly). D
+            also draws a gate over a *source layer* (the source's own face moved onto
+            the swap's landmarks, see :func:`composite`): how much of the source's skin
+            and features shows through under its picture.
     """
 
     image_size: int = 64
@@ -137,8 +140,9 @@ class _StyledLevel(nn.Module):
         self.upsample = upsample
         self.conv1 = ModulatedConv(in_channels, channels, config.latent_dim)
         self.conv2 = ModulatedConv(channels, channels, config.latent_dim)
-        # RGB and, when the config blends, the mask's logit and the flow (x, y).
-        self.rgb = ModulatedConv(channels, 6 if config.blend else 3, config.latent_dim, kernel=1, demodulate=False)
+        # RGB and, when the config blends, the mask's logit, the flow (x, y) and the source gate's logit.
+        self.rgb = ModulatedConv(channels, BLEND_CHANNELS if config.blend else 3, config.latent_dim, kernel=1,
+                                 demodulate=False)
         if config.blend:
             with torch.no_grad():  # start as the target itself: mask near 0 (summed over the levels), little flow
                 self.rgb.bias[3] = -4.0 / config.levels
@@ -160,8 +164,8 @@ class _StyledLevel(nn.Module):
 
 class StyledDecoder(nn.Module):
     """D: (B, n, L) layered codes → (B, 3, S, S) images in [0, 1]; with ``placed``, also where a
-    ``blend`` config puts them over a target: (B, 3, S, S), the mask in [0, 1] and the flow
-    (x, y, in grid units of [-1, 1]); see :func:`composite`."""
+    ``blend`` config puts them over a target: (B, 4, S, S), the mask in [0, 1], the flow
+    (x, y, in grid units of [-1, 1]) and the source gate in [0, 1]; see :func:`composite`."""
 
     def __init__(self, config: LatentConfig) -> None:
         super().__init__()
@@ -170,6 +174,13 @@ class StyledDecoder(nn.Module):
         self.levels = nn.ModuleList(
             _StyledLevel(config.width(max(level - 1, 0)), config.width(level), config, upsample=level > 0)
             for level in range(config.levels))
+        if config.blend:
+            # The source gate's logit over the whole picture, on top of what the levels draw:
+            # one number, scaled so that Adam moves it GATE_SCALE times faster than a weight
+            # (StyleGAN's learning-rate multiplier). Per-pair tuning opens the gate with it
+            # within tens of steps when the identity critic asks for more of the source.
+            # It starts nearly shut: the swap starts as the target.
+            self.gate_offset = nn.Parameter(torch.tensor(GATE_START / GATE_SCALE))
 
     def forward(self, codes: torch.Tensor, noise: torch.Generator | None = None,
                 placed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -186,33 +197,43 @@ class StyledDecoder(nn.Module):
         image = torch.sigmoid(picture[:, :3])
         if not placed:
             return image
-        if not config.blend:  # the picture everywhere, nothing of the target
-            return image, torch.cat([torch.ones_like(image[:, :1]), torch.zeros_like(image[:, :2])], dim=1)
+        if not config.blend:  # the picture everywhere, nothing of the target or the source
+            return image, torch.cat([torch.ones_like(image[:, :1]), torch.zeros_like(image[:, :3])], dim=1)
         # The flow's raw output is scaled so that the random start moves pixels by a fraction of one.
-        return image, torch.cat([torch.sigmoid(picture[:, 3:4]), FLOW_SCALE * picture[:, 4:6]], dim=1)
+        gate = torch.sigmoid(picture[:, 6:7] + GATE_SCALE * self.gate_offset)
+        return image, torch.cat([torch.sigmoid(picture[:, 3:4]), FLOW_SCALE * picture[:, 4:6], gate], dim=1)
 
 
 FLOW_SCALE = 0.01
+BLEND_CHANNELS = 7  # RGB, mask, flow (x, y), source gate
+GATE_SCALE, GATE_START = 100.0, -4.0
 
 
 def composite(images: torch.Tensor, placement: torch.Tensor, targets: torch.Tensor,
-              prior: torch.Tensor | None = None) -> torch.Tensor:
-    """D's swap over the target: ``mask · image + (1 − mask) · warp(target, prior + flow)``.
+              prior: torch.Tensor | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
+    """D's swap over the target: ``mask · image + (1 − mask) · under``.
 
-    ``placement`` is D's (B, 3, S, S) mask and flow; the flow says, per output pixel,
-    where in the target (grid units, [-1, 1] across) its pixel comes from, on top of
-    ``prior`` (B, 2, S, S), a warp given from outside (the landmark warp to the
-    source's face shape, :func:`facecore.methods.latent_swap.prior_flows`).
+    ``placement`` is D's (B, 4, S, S) mask, flow and source gate. ``under`` is the
+    target warped by ``prior + flow``: the flow says, per output pixel, where in the
+    target (grid units, [-1, 1] across) its pixel comes from, on top of ``prior``
+    (B, 2, S, S), a warp given from outside (the landmark warp to the source's face
+    shape, :func:`facecore.methods.latent_swap.prior_flows`). With a ``source``
+    layer (B, 4, S, S: RGB and an alpha; the source's face moved onto the swap's
+    landmarks, :func:`facecore.methods.latent_swap.source_layers`), ``under`` shows
+    it over the warped target where ``gate · alpha`` says.
     """
-    mask, flow = placement[:, :1], placement[:, 1:]
+    mask, flow = placement[:, :1], placement[:, 1:3]
     if prior is not None:
         flow = flow + prior
     batch, _, height, width = targets.shape
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, height, device=targets.device, dtype=targets.dtype),
                             torch.linspace(-1, 1, width, device=targets.device, dtype=targets.dtype), indexing="ij")
     grid = torch.stack([xs, ys], dim=-1)[None] + flow.permute(0, 2, 3, 1)
-    warped = F.grid_sample(targets, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return mask * images + (1.0 - mask) * warped
+    under = F.grid_sample(targets, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    if source is not None:
+        shown = placement[:, 3:4] * source[:, 3:4]
+        under = under + shown * (source[:, :3] - under)
+    return mask * images + (1.0 - mask) * under
 
 
 def _down(in_channels: int, channels: int) -> nn.Sequential:
@@ -264,10 +285,10 @@ class LatentSwapper(nn.Module):
         self.decoder = StyledDecoder(config)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, identity_layers: tuple[int, ...] | None = None,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+                prior: torch.Tensor | None = None, source_layer: torch.Tensor | None = None) -> torch.Tensor:
         """The swap: ``source``'s identity layers with ``target``'s others, decoded; (B, 3, S, S) in [0, 1]."""
         codes = self.encoder(torch.cat([source, target]))
         source_codes, target_codes = codes.chunk(2)
         layers = self.config.identity_layers if identity_layers is None else identity_layers
         images, placement = self.decoder(mix_layers(source_codes, target_codes, layers), placed=True)
-        return composite(images, placement, target, prior)
+        return composite(images, placement, target, prior, source_layer)

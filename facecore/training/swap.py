@@ -5,7 +5,9 @@ A batch holds pairs of two people: ``source`` and ``target`` crops (B, 3, S, S) 
 in crop pixels); rig pairs also hold the swap's ground truth ``truth`` (B, 3, S, S)
 and ``has_truth`` (B,) says which rows do (photos have none). ``prior`` (B, 2, S, S),
 optional, is the landmark warp of the target to the source's face shape that the
-swap's flow starts from (:func:`facecore.methods.latent_swap.prior_flows`).
+swap's flow starts from (:func:`facecore.methods.latent_swap.prior_flows`); ``source_layer``
+(B, 4, S, S), optional, the source's face moved onto the swap's landmarks that D's gate
+shows (:func:`facecore.methods.latent_swap.source_layers`; alpha 0 on rig pairs).
 
 With ``w_s = E(source)``, ``w_t = E(target)`` and the swap ``Y = D(mix(w_s, w_t))``:
 
@@ -97,7 +99,8 @@ def swap_losses(encoder: nn.Module, decoder: nn.Module, batch: Batch, critics: S
     images, placement = decoder(torch.cat([codes, mix_layers(source_codes, target_codes, identity_layers)]),
                                 placed=True)
     reconstructed = images[:2 * len(source)]
-    swap = composite(images[2 * len(source):], placement[2 * len(source):], target, batch.get("prior"))
+    swap = composite(images[2 * len(source):], placement[2 * len(source):], target, batch.get("prior"),
+                     batch.get("source_layer"))
     inputs = torch.cat([source, target])
     losses: dict[str, torch.Tensor] = {}
     losses["mse"] = (reconstructed - inputs).pow(2).flatten(1).mean(dim=1).mean()

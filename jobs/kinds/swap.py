@@ -86,13 +86,15 @@ class SwapInput(StrictModel):
 class TuneOptions(StrictModel):
     """Per-pair decoder tuning (facecore.methods.latent_swap.TuneConfig); max_steps 0 turns it off.
 
-    Off by default: with the shipped preset, 30 steps made the rig swaps worse (L1 to the truth
-    0.045 -> 0.067) and dlib found no face in 8 of 20 photo swaps (bench/swap_quality.py).
+    The thresholds are what bench/swap_quality.py measured: untuned, the preset's swaps of two
+    photos of one person, and of rig avatars, have L_id 0.03-0.09; of two people, 0.15-0.19; at
+    0.05 dlib's nearest person is the source in every photo pair of the bench. L_att of untuned
+    swaps is at most 0.6: its threshold only stops a tuning that wanders off the target.
     """
 
-    max_steps: int = Field(0, ge=0, le=10000)
+    max_steps: int = Field(30, ge=0, le=10000)
     id_threshold: float = 0.05  # L_id = 1 - cos(dlib(result), dlib(source)) at most this...
-    att_threshold: float = Field(0.5, ge=0)  # ...and L_att (MobileNetV2 levels vs the target) at most this
+    att_threshold: float = Field(0.75, ge=0)  # ...and L_att (MobileNetV2 levels vs the target) at most this
     learning_rate: float = Field(2e-3, gt=0)
 
 
@@ -177,10 +179,13 @@ SWAP_SCHEMA = pa.schema([
 # Columns that travel between the stages and are dropped before the commit.
 _TARGET_PHOTO = "target_photo"  # the target's bytes (photo or render PNG), for the paste-back
 _RENDER_LANDMARKS = "render_landmarks"  # a render target's own 68 landmarks (no detection)
+_RENDER_PARAMS = "render_params"  # a render target's rig vector (its face shape, known)
 _PLAN_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("source_uri", pa.string()),
                           pa.field("target_uri", pa.string()), pa.field(_TARGET_PHOTO, pa.binary()),
-                          pa.field(_RENDER_LANDMARKS, pa.list_(pa.float32()))])
+                          pa.field(_RENDER_LANDMARKS, pa.list_(pa.float32())),
+                          pa.field(_RENDER_PARAMS, pa.list_(pa.float32()))])
 _WORK_SCHEMA = (SWAP_SCHEMA.append(pa.field(_TARGET_PHOTO, pa.binary()))
+                .append(pa.field(_RENDER_PARAMS, pa.list_(pa.float32())))
                 .append(pa.field("result_side", pa.int32())))
 
 
@@ -242,7 +247,7 @@ def _read_render_targets(uri: str, storage: StorageSpec) -> pa.Table:
     tables = []
     for part in OutputFolder(location).parts():
         with location.arrow_fs.open_input_file(part) as handle:
-            table = pq.read_table(handle, columns=["key", "status", "image", "landmarks"])
+            table = pq.read_table(handle, columns=["key", "status", "image", "landmarks", "params"])
         tables.append(table.filter(pc.equal(table.column("status"), OK)))
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise ManifestError(f"input.targets: {uri} is a job output with no ok render rows")
@@ -252,7 +257,8 @@ def _read_render_targets(uri: str, storage: StorageSpec) -> pa.Table:
     keys = table.column("key").combine_chunks()
     return pa.table({"key": keys, "uri": pc.binary_join_element_wise(uri.rstrip("/"), keys, "#"),
                      _TARGET_PHOTO: table.column("image").combine_chunks(),
-                     _RENDER_LANDMARKS: table.column("landmarks").combine_chunks()})
+                     _RENDER_LANDMARKS: table.column("landmarks").combine_chunks(),
+                     _RENDER_PARAMS: table.column("params").combine_chunks()})
 
 
 def _pair_indices(sources: int, targets: int, source_keys: list[str], pairing: str, sample: int | None,
@@ -298,6 +304,7 @@ def plan_pairs(spec: SwapJob) -> pa.Table:
         pairs = _read_pair_manifest(given.manifest, spec.storage)
         pairs = pairs.append_column(_TARGET_PHOTO, pa.nulls(pairs.num_rows, pa.binary()))
         pairs = pairs.append_column(_RENDER_LANDMARKS, pa.nulls(pairs.num_rows, pa.list_(pa.float32())))
+        pairs = pairs.append_column(_RENDER_PARAMS, pa.nulls(pairs.num_rows, pa.list_(pa.float32())))
         schemes = storage_schemes(given.manifest, spec.output.path)
     else:
         try:
@@ -313,6 +320,7 @@ def plan_pairs(spec: SwapJob) -> pa.Table:
                 raise ManifestError(str(exc).replace("input.manifest", "input.targets")) from None
             targets = targets.append_column(_TARGET_PHOTO, pa.nulls(targets.num_rows, pa.binary()))
             targets = targets.append_column(_RENDER_LANDMARKS, pa.nulls(targets.num_rows, pa.list_(pa.float32())))
+            targets = targets.append_column(_RENDER_PARAMS, pa.nulls(targets.num_rows, pa.list_(pa.float32())))
         if given.pairing == "zip" and sources.num_rows != targets.num_rows:
             raise ManifestError(f"input.pairing: zip pairs row i with row i; input.sources has {sources.num_rows} "
                                 f"rows and input.targets {targets.num_rows}")
@@ -324,7 +332,8 @@ def plan_pairs(spec: SwapJob) -> pa.Table:
         pairs = pa.table({"key": keys, "source_uri": chosen_sources.column("uri"),
                           "target_uri": chosen_targets.column("uri"),
                           _TARGET_PHOTO: chosen_targets.column(_TARGET_PHOTO),
-                          _RENDER_LANDMARKS: chosen_targets.column(_RENDER_LANDMARKS)})
+                          _RENDER_LANDMARKS: chosen_targets.column(_RENDER_LANDMARKS),
+                          _RENDER_PARAMS: chosen_targets.column(_RENDER_PARAMS)})
         schemes = storage_schemes(given.sources, given.targets, spec.output.path)
     pairs = pairs.cast(_PLAN_SCHEMA)
     return _with_side_checks(pairs, schemes, given.allowed_prefixes)
@@ -357,7 +366,8 @@ class SwapFetchStage(FetchStage):
                          "failed_side": pa.array(side, pa.string()),
                          "source_data": pa.array([s[0] for s in sources], pa.binary()),
                          _TARGET_PHOTO: pa.array(photos, pa.binary()),
-                         _RENDER_LANDMARKS: pa.array(cols[_RENDER_LANDMARKS], pa.list_(pa.float32()))})
+                         _RENDER_LANDMARKS: pa.array(cols[_RENDER_LANDMARKS], pa.list_(pa.float32())),
+                         _RENDER_PARAMS: pa.array(cols[_RENDER_PARAMS], pa.list_(pa.float32()))})
 
 
 class SwapAlignStage(AlignStage):
@@ -396,7 +406,8 @@ class SwapAlignStage(AlignStage):
                     row.update(source_aligned=source["aligned"], source_landmarks=source["aligned_landmarks"],
                                aligned=target["aligned"], aligned_landmarks=target["aligned_landmarks"],
                                matrix=target["matrix"],
-                               **{_TARGET_PHOTO: cols[_TARGET_PHOTO][i] if self.keep_photo else None})
+                               **{_TARGET_PHOTO: cols[_TARGET_PHOTO][i] if self.keep_photo else None,
+                                  _RENDER_PARAMS: cols[_RENDER_PARAMS][i]})
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=_WORK_SCHEMA)
 
@@ -447,7 +458,7 @@ class SwapStage(ModelStage):
         import torch
         import torch.nn.functional as F
 
-        from facecore.methods.latent_swap import regressed_prior, swap_faces
+        from facecore.methods.latent_swap import regressed_guides, swap_faces
         from jobs.kinds.recognize import model_inputs
 
         side = self.swapper.config.image_size
@@ -457,9 +468,12 @@ class SwapStage(ModelStage):
                   for name, column in (("source", "source_landmarks"), ("target", "aligned_landmarks"))}
         sources, source_points = model_inputs(crops["source"], points["source"], side, self.device)
         targets, target_points = model_inputs(crops["target"], points["target"], side, self.device)
-        prior = regressed_prior(self.regressor, self.rig, sources, source_points, targets, target_points)
+        rendered = [row.get(_RENDER_PARAMS) for row in rows]
+        prior, source_layer = regressed_guides(self.regressor, self.rig, sources, source_points, targets,
+                                               target_points, rendered)
         result = swap_faces(self.swapper, sources, source_points, targets, target_points, self.critics, self.tune,
-                            self.identity_layers, prior)
+                            self.identity_layers, prior, source_layer,
+                            torch.tensor([vector is not None for vector in rendered]))
         with torch.inference_mode():
             images = result.images
             if side != self.size:
@@ -501,6 +515,7 @@ class SwapFinishStage:
         rows = table.to_pylist()
         for row in rows:
             photo, side = row.pop(_TARGET_PHOTO, None), row.pop("result_side", None)
+            row.pop(_RENDER_PARAMS, None)
             if row.get("result") is None or not side:
                 continue
             result = np.frombuffer(row["result"], np.uint8).reshape(side, side, 3)

@@ -21,9 +21,10 @@ def test_encoder_and_decoder_shapes_and_every_parameter_learns():
     images = torch.rand(3, 3, 64, 64)
     codes = encoder(images)
     assert codes.shape == (3, config.num_layers, 32)
-    result = decoder(codes)
+    result, placement = decoder(codes, placed=True)
     assert result.shape == images.shape and 0.0 <= float(result.detach().min()) and float(result.detach().max()) <= 1.0
-    F.mse_loss(result, images).backward()
+    assert placement.shape == (3, 4, 64, 64)  # mask, flow (x, y), source gate
+    (F.mse_loss(result, images) + placement.mean()).backward()
     for name, parameter in [*encoder.named_parameters(), *decoder.named_parameters()]:
         assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0, name
 
@@ -62,3 +63,26 @@ def test_bad_configs_and_shapes_are_refused():
         StyledDecoder(config)(torch.zeros(1, 3, 8))
     with pytest.raises(ValueError, match="images"):
         LayeredEncoder(config)(torch.zeros(1, 3, 64, 64))
+
+
+def test_the_gate_shows_the_source_layer_where_its_alpha_is_and_the_warped_target_elsewhere():
+    from facecore.models.latent import composite
+
+    torch.manual_seed(0)
+    painted, targets, layer = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.rand(2, 4, 16, 16)
+    layer[:, 3] = 0.0
+    layer[:, 3, 4:12, 4:12] = 1.0  # the face
+    placement = torch.zeros(2, 4, 16, 16)  # mask 0, no flow, gate shut
+    assert torch.allclose(composite(painted, placement, targets, None, layer), targets, atol=1e-5)
+    placement[:, 3] = 1.0  # gate open
+    shown = composite(painted, placement, targets, None, layer)
+    assert torch.allclose(shown[..., 4:12, 4:12], layer[:, :3, 4:12, 4:12], atol=1e-5)
+    assert torch.allclose(shown[..., :4, :], targets[..., :4, :], atol=1e-5)
+    placement[:, 0] = 1.0  # D's picture over everything
+    assert torch.allclose(composite(painted, placement, targets, None, layer), painted)
+
+
+def test_a_new_decoder_starts_with_the_gate_nearly_shut():
+    config = LatentConfig(image_size=32, latent_dim=16, channels=8, max_channels=16)
+    _, placement = StyledDecoder(config)(torch.randn(2, config.num_layers, 16), placed=True)
+    assert float(placement[:, 3].max()) < 0.1

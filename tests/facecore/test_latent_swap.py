@@ -133,3 +133,44 @@ def test_the_prior_warp_puts_the_target_in_the_source_s_face_shape():
     copied, prior = F.l1_loss(target, truth), F.l1_loss(warped, truth)
     print(f"L1 to the truth: the target {float(copied):.4f}, warped {float(prior):.4f}")
     assert float(prior) < 0.8 * float(copied)
+
+
+def test_tuning_opens_the_source_gate_for_photo_targets_and_leaves_render_targets_be(swapper, pairs, critics):
+    from facecore.methods.latent_swap import source_layers
+
+    sources, source_points, targets, target_points = pairs
+    layer = source_layers(sources, source_points.numpy(), targets, target_points.numpy())
+    assert layer.shape == (4, 4, 64, 64)
+    assert float(layer[:, 3, :4].max()) == 0.0 and float(layer[:, 3, 32, 32].min()) > 0.9  # the face, feathered
+    config = TuneConfig(max_steps=10, id_threshold=0.0, att_threshold=float("inf"))
+    untuned = swap_faces(swapper, *pairs, critics, TuneConfig(max_steps=0), source=layer)
+    as_photos = swap_faces(swapper, *pairs, critics, config, source=layer, rendered=torch.zeros(4, dtype=torch.bool))
+    as_renders = swap_faces(swapper, *pairs, critics, config, source=layer, rendered=torch.ones(4, dtype=torch.bool))
+    print("L_id untuned", untuned.identity_loss.tolist(), "tuned", as_photos.identity_loss.tolist())
+    assert as_photos.tune_steps.tolist() == [10] * 4 and (as_photos.identity_loss < untuned.identity_loss).all()
+    # The gate opened: inside the face the swap moved towards the source layer.
+    face = layer[:, 3:4] > 0.9
+    before = ((untuned.images - layer[:, :3]).abs() * face).sum()
+    after = ((as_photos.images - layer[:, :3]).abs() * face).sum()
+    assert float(after) < 0.9 * float(before)  # 0.86 measured: 10 steps open it from 0.02 to about 0.12
+    # An avatar's identity is not dlib's to judge: nothing to tune, the untuned swap.
+    assert as_renders.tune_steps.tolist() == [0] * 4
+    assert torch.allclose(as_renders.images, untuned.images, atol=1e-6)
+
+
+def test_a_render_target_s_own_vector_shapes_the_prior_and_it_gets_no_source_layer(pairs):
+    from facecore.methods.latent_swap import regressed_guides
+    from facecore.rig import default_schema
+    from jobs.kinds.recognize import load_regressor
+
+    schema = default_schema()
+    regressor = load_regressor(None, None, "cpu", schema)
+    sources, source_points, targets, target_points = pairs
+    estimated, layer = regressed_guides(regressor, schema, *pairs)
+    assert (layer[:, 3].flatten(1).amax(dim=1) > 0.9).all()
+    known = regressor.vectors(torch.nn.functional.interpolate(targets, size=128, mode="bilinear"),
+                              target_points * 2)[0].detach().numpy() * 0.5  # some other face shape
+    given, given_layer = regressed_guides(regressor, schema, *pairs, rendered=[known[0], None, known[2], None])
+    assert float(given_layer[[0, 2], 3].abs().max()) == 0.0
+    assert torch.equal(given_layer[[1, 3]], layer[[1, 3]]) and torch.equal(given[[1, 3]], estimated[[1, 3]])
+    assert float((given[[0, 2]] - estimated[[0, 2]]).abs().max()) > 1e-3

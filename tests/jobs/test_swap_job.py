@@ -114,9 +114,12 @@ def test_two_manifests_zip_cross_sample_and_render_targets(ray_cluster, photos, 
         progress=False)
     cross = pd.read_parquet(tmp_path / "cross")
     assert sorted(cross.key) == ["biden~astronaut", "biden~obama2", "obama~astronaut", "obama~obama2"]
-    # The same pair gives the same result whatever else the job holds.
-    assert cross.set_index("key").loc["obama~astronaut", "result"] == \
-        zipped.set_index("key").loc["obama~astronaut", "result"]
+    # The same pair gives the same result whatever else the job holds (to a grey level: the
+    # batch's size changes the order of float sums in the convolutions).
+    apart = np.abs(decode_png(cross.set_index("key").loc["obama~astronaut", "result"]).astype(int)
+                   - decode_png(zipped.set_index("key").loc["obama~astronaut", "result"]).astype(int))
+    print("largest difference, the pair in two batches:", apart.max())
+    assert apart.max() <= 1
 
     sample = _spec({**inputs, "pairing": "sample:1", "seed": 5}, tmp_path / "sample", swapper, options=tune_off)
     run(parse_spec(sample), progress=False)
@@ -175,7 +178,7 @@ def test_swap_job_on_s3(ray_cluster, photos, swapper, s3_server):
 def test_swap_spec_defaults_and_errors_name_fields():
     base = {"kind": "swap", "input": {"manifest": "pairs.csv"}, "output": {"path": "o"}}
     options = parse_spec(base).options
-    assert (options.method, options.size, options.paste_back, options.tune.max_steps) == ("affine68", 128, True, 0)
+    assert (options.method, options.size, options.paste_back, options.tune.max_steps) == ("affine68", 128, True, 30)
     for inputs, message in [
         ({"manifest": "p.csv", "sources": "s.csv"}, r"input: .*either manifest .* not both"),
         ({"sources": "s.csv"}, r"input: .*give manifest .* or both sources and targets"),

@@ -155,7 +155,8 @@ def tune_decoders(decoder: nn.Module, codes: torch.Tensor, targets: torch.Tensor
         attribute_loss[active] = attribute.detach().cpu()
         excess = (attribute - config.att_threshold).clamp_min(0.0)
         if source_embeddings is not None:
-            judged = (~rendered[rows]).to(identity.dtype) if rendered is not None else torch.ones_like(identity)
+            judged = (~rendered.cpu()[active]).to(identity.device, identity.dtype) if rendered is not None \
+                else torch.ones_like(identity)  # indexed on the CPU: `rendered` may not be on D's device
             excess = excess + (identity - config.id_threshold).clamp_min(0.0) * judged
         passed = excess.detach() <= 0.0
         if not grad_enabled:
